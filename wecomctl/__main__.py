@@ -1,0 +1,3 @@
+from wecomctl.cli import main
+
+main()
