@@ -1,0 +1,147 @@
+"""Stage handlers: one outcome per item for every errcode class, no call for bad messages."""
+
+import pytest
+
+from conftest import lead
+from wecomctl.config import RetrySettings, Settings
+from wecomctl.errors import ApiError
+from wecomctl.pipeline.handlers import Context, FatalStop, process
+from wecomctl.pipeline.retry import Backoff
+from wecomctl.pipeline.template import InvalidMessage, render
+from wecomctl.wecom.client import api_error
+
+
+class FakeAdd:
+    def __init__(self, errors=()):
+        self.errors = list(errors)
+        self.calls = 0
+
+    def add(self, lead, now):
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return {"external_userid": "wm" + lead["phone"][-4:], "add_status": "added"}
+
+
+class FakeWelcome(FakeAdd):
+    def send(self, lead, text, now):
+        self.calls += 1
+        self.texts = getattr(self, "texts", []) + [text]
+        if self.errors:
+            raise self.errors.pop(0)
+        return "sent"
+
+
+class FakeLimiter:
+    def __init__(self):
+        self.paused = {}
+
+    def pause(self, api, until):
+        self.paused[api] = until
+
+
+def ctx_for(store, clock, add=None, welcome=None, text="您好{name}"):
+    s = Settings()
+    s.welcome.text = text
+    return Context(store=store, settings=s, add=add or FakeAdd(), welcome={"msg_template": welcome or FakeWelcome()},
+                   limiter=FakeLimiter(), backoff=Backoff(RetrySettings(base_delay_s=1, max_delay_s=10)), clock=clock)
+
+
+def state(store, stage):
+    return next(store.leads())[stage]
+
+
+def test_add_then_welcome_personalised(store, clock):
+    store.put_leads("c", [lead()], clock())
+    ctx = ctx_for(store, clock)
+    assert process(ctx, store.lease("add", 30, clock())) == "done"
+    assert process(ctx, store.lease("welcome", 30, clock())) == "done"
+    assert ctx.welcome["msg_template"].texts == ["您好张三"]
+    rec = next(store.leads())
+    assert rec["add"]["state"] == "done" and rec["welcome"]["state"] == "done" and rec["welcome_status"] == "sent"
+
+
+def test_busy_is_retried_with_backoff_and_uses_an_attempt(store, clock):
+    store.put_leads("c", [lead()], clock())
+    ctx = ctx_for(store, clock, add=FakeAdd([api_error("add_by_phone", -1, "system busy")]))
+    assert process(ctx, store.lease("add", 30, clock())) == "retry"
+    st = state(store, "add")
+    assert st["state"] == "delayed" and st["attempts"] == 1 and st["errcode"] == -1
+
+
+def test_45009_pauses_the_api_for_everyone_without_an_attempt(store, clock):
+    store.put_leads("c", [lead()], clock())
+    ctx = ctx_for(store, clock, add=FakeAdd([api_error("add_by_phone", 45009, "freq")]))
+    assert process(ctx, store.lease("add", 30, clock())) == "throttled"
+    assert ctx.limiter.paused["add_by_phone"] == clock() + ctx.settings.limits["add_by_phone"].block_s
+    st = state(store, "add")
+    assert st["state"] == "delayed" and st["attempts"] == 0
+
+
+def test_fatal_stops_and_leaves_the_item_queued(store, clock):
+    store.put_leads("c", [lead()], clock())
+    ctx = ctx_for(store, clock, add=FakeAdd([api_error("gettoken", 40001, "invalid credential")]))
+    with pytest.raises(FatalStop):
+        process(ctx, store.lease("add", 30, clock()))
+    st = state(store, "add")
+    assert st["state"] == "ready" and st["attempts"] == 0 and st["deliveries"] == 0
+
+
+def test_permanent_error_is_dead_lettered_with_errcode(store, clock):
+    store.put_leads("c", [lead()], clock())
+    ctx = ctx_for(store, clock, add=FakeAdd([api_error("add_by_phone", 910001, "mobile not found")]))
+    assert process(ctx, store.lease("add", 30, clock())) == "dead"
+    st = state(store, "add")
+    assert st["state"] == "dead" and st["errcode"] == 910001 and "mobile not found" in st["error"]
+
+
+def test_41051_already_delivered_counts_as_done(store, clock):
+    store.put_leads("c", [lead()], clock())
+    ctx = ctx_for(store, clock, welcome=FakeWelcome([api_error("send_welcome_msg", 41051, "already")]))
+    process(ctx, store.lease("add", 30, clock()))
+    assert process(ctx, store.lease("welcome", 30, clock())) == "done"
+    rec = next(store.leads())
+    assert rec["welcome"]["state"] == "done" and rec["welcome_status"] == "already_sent"
+
+
+def test_missing_template_variable_is_dead_without_a_call(store, clock):
+    store.put_leads("c", [lead()], clock())
+    welcome = FakeWelcome()
+    ctx = ctx_for(store, clock, welcome=welcome, text="您好{name}，{城市}见")
+    process(ctx, store.lease("add", 30, clock()))
+    assert process(ctx, store.lease("welcome", 30, clock())) == "dead"
+    assert welcome.calls == 0
+    st = state(store, "welcome")
+    assert st["kind"] == "invalid" and "城市" in st["error"]
+
+
+def test_ledger_prevents_a_second_welcome_after_replay(store, clock):
+    store.put_leads("c", [lead()], clock())
+    welcome = FakeWelcome()
+    ctx = ctx_for(store, clock, welcome=welcome)
+    process(ctx, store.lease("add", 30, clock()))
+    process(ctx, store.lease("welcome", 30, clock()))
+    # A second lead for the same customer (e.g. re-imported under another number).
+    store.put_leads("c", [lead(phone="+8613900130000")], clock())
+    ctx.add = type("A", (), {"add": lambda self, l, now: {"external_userid": "wm8000"}})()
+    process(ctx, store.lease("add", 30, clock()))
+    assert process(ctx, store.lease("welcome", 30, clock())) == "skipped"
+    assert welcome.calls == 1
+
+
+def test_render_checks_size_and_emptiness():
+    base = {"name": "张三", "phone": "+86138", "owner": "o", "campaign": "c", "fields": {"城市": "北京"}}
+    assert render("{name}在{城市}", base) == "张三在北京"
+    with pytest.raises(InvalidMessage, match="empty"):
+        render("{name}", dict(base, name=None))
+    with pytest.raises(InvalidMessage, match="UTF-8 bytes"):
+        render("字" * 1334, base)  # 4002 bytes
+    assert render("字" * 1333, base)  # 3999 bytes
+
+
+def test_backoff_grows_and_is_capped():
+    b = Backoff(RetrySettings(base_delay_s=1, max_delay_s=10))
+    for attempt in range(1, 8):
+        for _ in range(20):
+            d = b.delay(attempt)
+            assert 0 <= d <= min(10, 2 ** attempt)

@@ -1,0 +1,373 @@
+"""The command line: parse, load config, call one service function, render.
+
+Exit codes: 0 all done; 1 finished with dead letters or rejects; 2 bad usage, config or
+input; 3 stopped by a fatal API condition; 130/143 interrupted by SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from wecomctl import config as cfg
+from wecomctl.errors import EXIT_DEAD, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, WecomctlError
+
+app = typer.Typer(
+    help="Add campaign leads as WeCom customers and send the welcome, under WeCom's rate limits.\n\n"
+    "Example: wecomctl import leads.csv --campaign spring && wecomctl run && wecomctl status",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+dlq_app = typer.Typer(help="Inspect dead letters. Example: wecomctl dlq list --stage add", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
+
+out = Console()
+err = Console(stderr=True)
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="Config file (default ./wecomctl.yaml if present, else built-in defaults).")
+DataDirOpt = typer.Option(None, "--data-dir", "-d", help="Data directory (default ./.wecomctl).")
+JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON.")
+
+
+def _fail(exc: WecomctlError) -> None:
+    err.print(f"[red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(exc.exit_code)
+
+
+def _settings(config: Optional[str], data_dir: Optional[str]) -> cfg.Settings:
+    return cfg.load(config, data_dir)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs URLs, which hold tokens
+
+
+# --- import -----------------------------------------------------------------------------
+@app.command("import")
+def import_cmd(
+    files: List[str] = typer.Argument(..., help="Lead files: CSV/TSV/TXT, JSON, JSONL, XLSX."),
+    campaign: str = typer.Option(None, "--campaign", help="Campaign name (required)."),
+    owner: Optional[str] = typer.Option(None, "--owner", help="Staff userid for leads whose file has no owner column."),
+    encoding: Optional[str] = typer.Option(None, "--encoding", help="Override the detected encoding (e.g. gb18030)."),
+    delimiter: Optional[str] = typer.Option(None, "--delimiter", help="Override the detected delimiter."),
+    phone_column: Optional[str] = typer.Option(None, "--phone-column", help="Header of the phone column."),
+    name_column: Optional[str] = typer.Option(None, "--name-column", help="Header of the name column."),
+    owner_column: Optional[str] = typer.Option(None, "--owner-column", help="Header of the owner column."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and report; enqueue nothing."),
+    config: Optional[str] = ConfigOpt, data_dir: Optional[str] = DataDirOpt, as_json: bool = JsonOpt,
+):
+    """Read lead files, normalise phones to E.164, dedupe and enqueue. Never calls WeCom.
+
+    Example: wecomctl import leads.csv more.xlsx --campaign spring --owner zhangsan
+    """
+    from wecomctl.ingest.importer import Importer
+    from wecomctl.ingest.readers import ReadOptions
+    from wecomctl.pipeline.worker import open_store
+
+    try:
+        if not campaign:
+            raise WecomctlError("--campaign is required (for example: wecomctl import leads.csv --campaign spring)")
+        s = _settings(config, data_dir)
+        for f in files:
+            if not os.path.isfile(f):
+                raise WecomctlError(f"file not found: {f}")
+        store = None if dry_run else open_store(s)
+        opts = ReadOptions(encoding=encoding, delimiter=delimiter, phone_column=phone_column,
+                           name_column=name_column, owner_column=owner_column)
+        imp = Importer(store, campaign, owner=owner, staff=s.staff, options=opts,
+                       rejects_dir=os.path.join(s.data_dir, "rejects"), dry_run=dry_run)
+        report = imp.run(files)
+        if store:
+            store.close()
+    except WecomctlError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(report.as_json(), ensure_ascii=False))
+    else:
+        t = Table(title=f"import {report.campaign}{' (dry run)' if dry_run else ''}")
+        for col in ("file", "format", "encoding", "delimiter", "accepted", "rejected", "duplicates", "blank"):
+            t.add_column(col)
+        for f in report.files:
+            t.add_row(f.path, f.format, f.encoding or "", repr(f.delimiter) if f.delimiter else "",
+                      str(f.accepted), str(f.rejected), str(f.skipped), str(f.blank))
+        out.print(t)
+        for reason, n in sorted(report.reasons.items(), key=lambda kv: -kv[1]):
+            out.print(f"  rejected {n}: {reason}")
+        if report.rejects_file:
+            out.print(f"rejects written to {report.rejects_file}")
+    raise typer.Exit(EXIT_DEAD if report.rejected else EXIT_OK)
+
+
+# --- run --------------------------------------------------------------------------------
+@app.command()
+def run(
+    workers: int = typer.Option(0, "--workers", "-w", help="Worker processes (default: run.workers, else CPU count)."),
+    until_empty: bool = typer.Option(True, "--until-empty/--forever", help="Stop when every queue is drained (default), or keep running."),
+    progress_interval: Optional[float] = typer.Option(None, "--progress-interval", help="Seconds between plain progress lines when stdout is not a terminal."),
+    log_level: str = typer.Option("WARNING", "--log-level", help="DEBUG, INFO, WARNING or ERROR (to stderr)."),
+    config: Optional[str] = ConfigOpt, data_dir: Optional[str] = DataDirOpt, as_json: bool = JsonOpt,
+):
+    """Add every queued lead and send the welcome, under the configured rate limits.
+
+    Example: wecomctl run --config wecomctl.yaml --workers 4
+    """
+    from wecomctl.pipeline import pool
+    from wecomctl.report.progress import make_progress
+
+    _setup_logging(log_level)
+    try:
+        s = _settings(config, data_dir)
+        n = workers or s.run.workers or os.cpu_count() or 1
+        prog = make_progress(out, progress_interval if progress_interval is not None else s.run.progress_interval_s)
+        with prog:
+            result = pool.run(s, n, until_empty, on_tick=prog.tick, log_level=log_level.upper())
+            prog.tick(result.counts, result.elapsed, final=True)
+    except WecomctlError as exc:
+        _fail(exc)
+    _print_run_summary(result, as_json)
+    raise typer.Exit(result.exit_code)
+
+
+def _print_run_summary(result, as_json: bool) -> None:
+    from wecomctl.report.progress import totals
+
+    rows = totals(result.counts)
+    if as_json:
+        print(json.dumps({"exit_code": result.exit_code, "elapsed_s": round(result.elapsed, 3),
+                          "stages": rows, "fatal": result.fatal, "worker_errors": result.worker_errors}, ensure_ascii=False))
+        return
+    a, w = rows["add"], rows["welcome"]
+    out.print(f"run finished in {result.elapsed:.1f}s: added {a['done']}, welcomed {w['done']}, "
+              f"dead {a['dead'] + w['dead']}, still queued {a['ready'] + a['delayed'] + w['ready'] + w['delayed']}", highlight=False)
+    if result.fatal:
+        err.print(f"[red]stopped:[/] {result.fatal['error']} — fix it, then run again; the items are still queued.", highlight=False)
+    if result.interrupted:
+        err.print("interrupted: in-flight calls were finished and recorded; run again to continue.")
+    for e in result.worker_errors:
+        err.print(f"[yellow]warning:[/] {e}")
+
+
+# --- status / export / dlq ----------------------------------------------------------------
+def _open_existing(config, data_dir):
+    from wecomctl.pipeline.worker import open_store
+
+    s = _settings(config, data_dir)
+    return s, open_store(s, create=False)
+
+
+def status_data(counts: dict, campaign: Optional[str]) -> dict:
+    from wecomctl.report.progress import totals
+
+    picked = {c: v for c, v in counts.items() if campaign is None or c == campaign}
+    stages = totals(picked)
+    return {
+        "imported": sum(c["imported"] for c in picked.values()),
+        "skipped": sum(c["skipped"] for c in picked.values()),
+        "stages": stages,
+        "campaigns": picked,
+    }
+
+
+@app.command()
+def status(
+    campaign: Optional[str] = typer.Option(None, "--campaign", help="Only this campaign."),
+    config: Optional[str] = ConfigOpt, data_dir: Optional[str] = DataDirOpt, as_json: bool = JsonOpt,
+):
+    """Queue depths per stage and state.
+
+    Example: wecomctl status --json
+    """
+    try:
+        s, store = _open_existing(config, data_dir)
+        data = status_data(store.counts(), campaign)
+        fatal = store.get_flag("fatal")
+        store.close()
+    except WecomctlError as exc:
+        _fail(exc)
+    data["fatal"] = fatal
+    if as_json:
+        print(json.dumps(data, ensure_ascii=False))
+        return
+    out.print(f"imported {data['imported']}, duplicates skipped at import {data['skipped']}")
+    t = Table(title="queues")
+    cols = ("ready", "delayed", "leased", "done", "dead", "skipped", "entered")
+    t.add_column("stage")
+    for c in cols:
+        t.add_column(c, justify="right")
+    for stage, row in data["stages"].items():
+        t.add_row(stage, *[str(row[c]) for c in cols])
+    out.print(t)
+    if fatal:
+        err.print(f"[red]last run stopped:[/] {fatal['error']}")
+
+
+@app.command()
+def export(
+    fmt: str = typer.Option("csv", "--format", "-f", help="csv or jsonl."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="File to write (atomically); default stdout."),
+    campaign: Optional[str] = typer.Option(None, "--campaign", help="Only this campaign."),
+    config: Optional[str] = ConfigOpt, data_dir: Optional[str] = DataDirOpt,
+):
+    """One row per lead: phone, owner, external_userid, add/welcome status, error.
+
+    Example: wecomctl export --format csv -o results.csv
+    """
+    from wecomctl.report.export import export as do_export, result_row
+
+    try:
+        if fmt not in ("csv", "jsonl"):
+            raise WecomctlError(f"--format must be csv or jsonl, not {fmt!r}")
+        s, store = _open_existing(config, data_dir)
+        n = do_export((result_row(lead) for lead in store.leads(campaign)), fmt, output)
+        store.close()
+    except WecomctlError as exc:
+        _fail(exc)
+    if output and output != "-":
+        err.print(f"exported {n} leads to {output}")
+
+
+@app.command("retry-dlq")
+def retry_dlq(
+    stage: Optional[str] = typer.Option(None, "--stage", help="add or welcome (default both)."),
+    campaign: Optional[str] = typer.Option(None, "--campaign", help="Only this campaign."),
+    errcode: Optional[int] = typer.Option(None, "--errcode", help="Only dead letters with this errcode."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Move at most this many."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Count what would move; move nothing."),
+    config: Optional[str] = ConfigOpt, data_dir: Optional[str] = DataDirOpt, as_json: bool = JsonOpt,
+):
+    """Move dead letters back to ready. The welcome ledger still prevents a second greeting.
+
+    Example: wecomctl retry-dlq --stage add --errcode 60111 && wecomctl run
+    """
+    import time
+
+    try:
+        if stage not in (None, "add", "welcome"):
+            raise WecomctlError(f"--stage must be add or welcome, not {stage!r}")
+        s, store = _open_existing(config, data_dir)
+        n = store.requeue_dead(stage, campaign, time.time(), errcode=errcode, limit=limit, dry_run=dry_run)
+        store.close()
+    except WecomctlError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps({"moved": 0 if dry_run else n, "would_move": n if dry_run else None}))
+    else:
+        out.print(f"{'would move' if dry_run else 'moved'} {n} dead letters back to ready")
+
+
+@dlq_app.command("list")
+def dlq_list(
+    stage: Optional[str] = typer.Option(None, "--stage", help="add or welcome."),
+    campaign: Optional[str] = typer.Option(None, "--campaign"),
+    errcode: Optional[int] = typer.Option(None, "--errcode"),
+    config: Optional[str] = ConfigOpt, data_dir: Optional[str] = DataDirOpt, as_json: bool = JsonOpt,
+):
+    """List dead letters: who, why (errcode, message), attempts.
+
+    Example: wecomctl dlq list --stage add --json
+    """
+    from wecomctl.report.export import dead_letters
+
+    try:
+        s, store = _open_existing(config, data_dir)
+        rows = list(dead_letters(store.leads(campaign), stage, errcode))
+        store.close()
+    except WecomctlError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(rows, ensure_ascii=False))
+        return
+    t = Table(title=f"dead letters ({len(rows)})")
+    for col in ("campaign", "stage", "phone", "owner", "errcode", "attempts", "error"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["campaign"], r["stage"], r["phone"], r["owner"] or "", str(r["errcode"] if r["errcode"] is not None else ""),
+                  str(r["attempts"]), r["error"] or "")
+    out.print(t)
+
+
+# --- simulate / demo ----------------------------------------------------------------------
+@app.command()
+def simulate(
+    port: int = typer.Option(0, "--port", help="Port on 127.0.0.1 (0 = pick a free one and print it)."),
+    latency_ms: float = typer.Option(0.0, "--latency-ms", help="Added latency per call."),
+    rate_limit: int = typer.Option(0, "--rate-limit", help="Calls per second per API (0 = none); beyond it 45009 until the window ends."),
+    max_concurrency: int = typer.Option(0, "--max-concurrency", help="Calls in flight per API (0 = none); beyond it 45033."),
+    busy_rate: float = typer.Option(0.0, "--busy-rate", help="Share of calls answered -1 'system busy' (0..1)."),
+    token_ttl: float = typer.Option(7200.0, "--token-ttl", help="Access token lifetime in seconds (then 42001)."),
+    staff: Optional[str] = typer.Option(None, "--staff", help="Comma-separated staff userids it knows (others get 60111)."),
+    unknown_suffix: Optional[str] = typer.Option(None, "--unknown-suffix", help="Mobiles ending in these digits are unknown to the gateway (910001). Default 44."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the fault dice."),
+    sim_config: Optional[str] = typer.Option(None, "--sim-config", help="YAML file with simulator knobs (flags override)."),
+    write_config: Optional[str] = typer.Option(None, "--write-config", help="Write a wecomctl config pointing at this simulator to FILE."),
+):
+    """Run a local WeCom-compatible server (with the add-by-phone gateway) for trying wecomctl.
+
+    Example: wecomctl simulate --port 8080 --latency-ms 100 --rate-limit 50 --write-config sim.yaml
+    then, in another terminal: wecomctl run --config sim.yaml
+    """
+    from wecomctl.simulator import SimConfig, serve
+
+    sc = SimConfig.from_yaml(sim_config) if sim_config else SimConfig()
+    sc.port, sc.latency_ms, sc.rate_limit = port, latency_ms, rate_limit
+    sc.max_concurrency, sc.busy_rate, sc.token_ttl_s, sc.seed = max_concurrency, busy_rate, token_ttl, seed
+    if staff:
+        sc.staff = tuple(x.strip() for x in staff.split(",") if x.strip())
+    if unknown_suffix is not None:
+        sc.unknown_suffix = unknown_suffix
+    if not 0.0 <= busy_rate <= 1.0:
+        _fail(WecomctlError("--busy-rate must be between 0 and 1"))
+
+    def ready(url: str) -> None:
+        print(f"simulator listening on {url}", flush=True)
+        if write_config:
+            with open(write_config, "w", encoding="utf-8") as fh:
+                fh.write(cfg.simulator_config(url, sc))
+            print(f"wrote {write_config}: try `wecomctl import samples/leads_demo.csv --campaign demo --config {write_config}` "
+                  f"then `wecomctl run --config {write_config}`", flush=True)
+
+    try:
+        serve(sc, on_ready=ready)
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_OK)
+    except OSError as exc:
+        _fail(WecomctlError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}"))
+
+
+@app.command()
+def demo(
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", "-d", help="Data directory (default: a new temporary one)."),
+    workers: int = typer.Option(2, "--workers", "-w", help="Worker processes."),
+    as_json: bool = JsonOpt,
+):
+    """Start the simulator with latency and faults, import the samples, run them to the end, report.
+
+    Example: wecomctl demo
+    """
+    from wecomctl.demo import run_demo
+
+    try:
+        code = run_demo(out, err, data_dir, workers, as_json)
+    except WecomctlError as exc:
+        _fail(exc)
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""Settings: built-in defaults, overlaid by a YAML file, with secrets from the environment.
+
+Errors name the key and the file. Secrets are held in `Secret` objects whose repr and str
+never show the value, so a settings object can be logged or printed safely.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from wecomctl.errors import ConfigError
+
+DEFAULT_CONFIG_FILE = "wecomctl.yaml"
+DEFAULT_DATA_DIR = ".wecomctl"
+
+# The APIs wecomctl calls, by the names used in `limits:` and in errors.
+APIS = ("gettoken", "add_by_phone", "add_msg_template", "send_welcome_msg", "send_text")
+
+
+class Secret:
+    """A secret value that never prints itself."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def get(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+
+@dataclass
+class WecomSettings:
+    base_url: str = "https://qyapi.weixin.qq.com"
+    corp_id: str = ""
+    # The secret is read from this environment variable; `corp_secret` in the file is
+    # accepted only for throwaway secrets such as the simulator's.
+    corp_secret_env: str = "WECOM_CORP_SECRET"
+    corp_secret: str = ""
+    timeout_s: float = 10.0
+    # Refresh the shared token this many seconds before WeCom says it expires.
+    token_refresh_margin_s: float = 300.0
+
+
+@dataclass
+class GatewaySettings:
+    base_url: str = ""
+    key_env: str = "WECOMCTL_GATEWAY_KEY"
+    key: str = ""
+    timeout_s: float = 10.0
+
+
+@dataclass
+class WelcomeSettings:
+    # msg_template: official 企业群发 (sender = the lead's owner);
+    # gateway: the gateway's send_text; welcome_code: official send_welcome_msg with the
+    # code the gateway relays from the add event (valid 20 s, once).
+    provider: str = "msg_template"
+    text: str = "您好{name}，我是您的专属顾问，很高兴为您服务。"
+
+
+@dataclass
+class Limit:
+    per_second: int = 0
+    per_minute: int = 0
+    per_hour: int = 0
+    # Calls are spaced so that at most the limit falls into any window stretched by this
+    # guard, which absorbs the scheduling jitter between taking a slot and the request
+    # reaching WeCom.
+    guard_ms: float = 20.0
+    # How long WeCom blocks the API after a 45009: the rest of the window (60 s for a
+    # minute limit). The whole fleet pauses that API this long; no attempt is used.
+    block_s: float = 60.0
+
+    def windows(self) -> list[tuple[int, float]]:
+        out = []
+        for count, seconds in ((self.per_second, 1.0), (self.per_minute, 60.0), (self.per_hour, 3600.0)):
+            if count:
+                out.append((count, seconds))
+        return out
+
+
+def _default_limits() -> dict[str, Limit]:
+    # WeCom's published corp limits (10,000/min, 150,000/hour per API); the gateway's
+    # pacing is its own and much lower.
+    return {
+        "gettoken": Limit(per_minute=100),
+        "add_by_phone": Limit(per_minute=600),
+        "add_msg_template": Limit(per_minute=10000, per_hour=150000),
+        "send_welcome_msg": Limit(per_minute=10000, per_hour=150000),
+        "send_text": Limit(per_minute=600),
+    }
+
+
+@dataclass
+class RetrySettings:
+    max_attempts: int = 6  # attempts per item and stage for transient errors
+    base_delay_s: float = 2.0
+    max_delay_s: float = 300.0
+
+
+@dataclass
+class RunSettings:
+    workers: int = 0  # worker processes; 0 = CPU count
+    concurrency: int = 8  # calls in flight per worker process
+    lease_s: float = 120.0  # visibility timeout of a leased item
+    max_deliveries: int = 5  # leases without an outcome before an item is poison
+    progress_interval_s: float = 10.0  # plain progress lines when stdout is not a terminal
+
+
+@dataclass
+class Settings:
+    wecom: WecomSettings = field(default_factory=WecomSettings)
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    welcome: WelcomeSettings = field(default_factory=WelcomeSettings)
+    staff: list[str] = field(default_factory=list)  # round-robin owners when a lead has none
+    limits: dict[str, Limit] = field(default_factory=_default_limits)
+    retry: RetrySettings = field(default_factory=RetrySettings)
+    run: RunSettings = field(default_factory=RunSettings)
+    campaigns: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-campaign welcome overrides
+    data_dir: str = DEFAULT_DATA_DIR
+    source: str = "built-in defaults"
+
+    def corp_secret(self) -> Secret:
+        return _secret(self.wecom.corp_secret, self.wecom.corp_secret_env)
+
+    def gateway_key(self) -> Secret:
+        return _secret(self.gateway.key, self.gateway.key_env)
+
+    def welcome_for(self, campaign: str) -> WelcomeSettings:
+        over = self.campaigns.get(campaign, {}).get("welcome") or {}
+        base = self.welcome
+        return WelcomeSettings(
+            provider=over.get("provider", base.provider), text=over.get("text", base.text)
+        )
+
+
+def _secret(inline: str, env_name: str) -> Secret:
+    value = os.environ.get(env_name, "") if env_name else ""
+    return Secret(value or inline)
+
+
+def _merge(obj: Any, data: Any, where: str, source: str) -> Any:
+    """Overlay a YAML mapping onto a dataclass, checking keys and types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: `{where or 'top level'}` must be a mapping")
+    known = {f.name: f for f in fields(obj)}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in known or key == "source":
+            raise ConfigError(f"{source}: unknown key `{path}` (known: {', '.join(k for k in known if k != 'source')})")
+        current = getattr(obj, key)
+        if key == "limits":
+            setattr(obj, key, _merge_limits(current, value, path, source))
+        elif is_dataclass(current):
+            _merge(current, value, path, source)
+        elif isinstance(current, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{source}: `{path}` must be true or false, not {value!r}")
+            setattr(obj, key, value)
+        elif isinstance(current, (int, float)) and not isinstance(current, bool):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{source}: `{path}` must be a number, not {value!r}")
+            if value < 0:
+                raise ConfigError(f"{source}: `{path}` must not be negative")
+            setattr(obj, key, type(current)(value) if isinstance(current, float) else value)
+        elif isinstance(current, str):
+            if not isinstance(value, (str, int)) or isinstance(value, bool):
+                raise ConfigError(f"{source}: `{path}` must be text, not {value!r}")
+            setattr(obj, key, str(value))
+        elif isinstance(current, list):
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list):
+                raise ConfigError(f"{source}: `{path}` must be a list")
+            setattr(obj, key, [str(v) for v in value])
+        elif isinstance(current, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: `{path}` must be a mapping")
+            setattr(obj, key, value)
+    return obj
+
+
+def _merge_limits(current: dict[str, Limit], data: Any, where: str, source: str) -> dict[str, Limit]:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: `{where}` must be a mapping of API name to limits")
+    out = dict(current)
+    for api, value in data.items():
+        if api not in APIS:
+            raise ConfigError(f"{source}: unknown API `{where}.{api}` (known: {', '.join(APIS)})")
+        out[api] = _merge(Limit(), value or {}, f"{where}.{api}", source)
+    return out
+
+
+def load(path: str | None = None, data_dir: str | None = None) -> Settings:
+    """Load settings. `path` None: ./wecomctl.yaml when present, else built-in defaults."""
+    settings = Settings()
+    chosen = path
+    if chosen is None and Path(DEFAULT_CONFIG_FILE).is_file():
+        chosen = DEFAULT_CONFIG_FILE
+    if chosen is not None:
+        file = Path(chosen)
+        if not file.is_file():
+            raise ConfigError(f"config file not found: {chosen} (copy config.example.yaml, or leave out --config to use the defaults)")
+        try:
+            text = file.read_text(encoding="utf-8")
+            data = yaml.safe_load(text) or {}
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {chosen}: {exc}") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file {chosen} is not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+        _merge(settings, data, "", chosen)
+        settings.source = chosen
+    if data_dir is not None:
+        settings.data_dir = data_dir
+    _validate(settings)
+    return settings
+
+
+def _validate(s: Settings) -> None:
+    valid = ("msg_template", "gateway", "welcome_code")
+    for name, welcome in [("welcome", s.welcome)] + [
+        (f"campaigns.{c}.welcome", s.welcome_for(c)) for c in s.campaigns
+    ]:
+        if welcome.provider not in valid:
+            raise ConfigError(f"{s.source}: `{name}.provider` must be one of {', '.join(valid)}, not {welcome.provider!r}")
+    if s.run.concurrency < 1:
+        raise ConfigError(f"{s.source}: `run.concurrency` must be at least 1")
+
+
+def simulator_config(url: str, sim) -> str:
+    """A complete config for the simulator at `url`, with limits at or under its own."""
+    per_second = sim.rate_limit or 0
+    concurrency = 8
+    if sim.max_concurrency:
+        concurrency = max(1, min(concurrency, sim.max_concurrency))
+    lines = [
+        "# wecomctl config for the local simulator (written by `wecomctl simulate --write-config`).",
+        "# The secret and key below are the simulator's throwaway ones; for real WeCom, leave them",
+        "# out and export WECOM_CORP_SECRET / WECOMCTL_GATEWAY_KEY instead.",
+        "wecom:",
+        f"  base_url: {url}",
+        f"  corp_id: {sim.corp_id}",
+        f"  corp_secret: {sim.corp_secret}",
+        "  corp_secret_env: ''",
+        "  token_refresh_margin_s: 1",
+        "gateway:",
+        f"  base_url: {url}",
+        f"  key: {sim.gateway_key}",
+        "  key_env: ''",
+        "welcome:",
+        "  provider: msg_template",
+        "  text: '您好{name}，我是您的专属顾问，很高兴为您服务。'",
+        f"staff: [{', '.join(sim.staff)}]",
+        "run:",
+        # One process keeps every call under the simulator's per-API concurrency cap.
+        f"  workers: {1 if sim.max_concurrency else 2}",
+        f"  concurrency: {concurrency}",
+        "retry:",
+        "  base_delay_s: 0.5",
+        "  max_delay_s: 10",
+    ]
+    lines.append("limits:  # per API; the simulator's own limit" if per_second else
+                 "limits:  # the simulator has no rate limit, so neither does this config")
+    for api in APIS:
+        if per_second:
+            lines += [f"  {api}:", f"    per_second: {per_second}", f"    block_s: {sim.rate_window_s}"]
+        else:
+            lines += [f"  {api}: {{}}"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,87 @@
+"""The parent of a run: starts worker processes, shows progress, handles signals.
+
+Progress reaches the parent through the store's counters, never by sharing objects with
+the workers. First SIGINT/SIGTERM: workers are told to stop (finish the call in hand,
+record it, exit). Second: workers are killed at once; their leases expire and the items
+are delivered again on the next run.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from wecomctl.config import Settings
+from wecomctl.errors import EXIT_DEAD, EXIT_FATAL, EXIT_OK
+from wecomctl.pipeline.worker import build_context, open_store, worker_main
+
+POLL_S = 0.25
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    elapsed: float
+    counts: dict
+    fatal: dict | None = None
+    interrupted: int | None = None  # the signal number, if stopped by one
+    worker_errors: list[str] = field(default_factory=list)
+
+
+def run(settings: Settings, workers: int, until_empty: bool = True,
+        on_tick: Callable[[dict, float], None] | None = None, log_level: str = "WARNING") -> RunResult:
+    store = open_store(settings, create=False)
+    # Build the clients once here so a missing secret or URL fails before any process starts.
+    build_context(settings, store, threading.Event())
+    store.set_flag("fatal", None)  # a new run: the operator has fixed what stopped the last one
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=worker_main, args=(settings, until_empty, log_level), name=f"wecomctl-worker-{i}")
+             for i in range(workers)]
+    signals: list[int] = []
+
+    def on_signal(signum, _frame):
+        signals.append(signum)
+        for p in procs:
+            if p.pid is None or not p.is_alive():
+                continue
+            try:
+                os.kill(p.pid, signal.SIGKILL if len(signals) > 1 else signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    start = time.time()
+    try:
+        for p in procs:
+            p.start()
+        while any(p.is_alive() for p in procs):
+            if on_tick:
+                on_tick(store.counts(), time.time() - start)
+            for p in procs:
+                p.join(timeout=POLL_S / max(1, len(procs)))
+            if len(signals) > 1:
+                break
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    counts = store.counts()
+    if on_tick:
+        on_tick(counts, time.time() - start)
+    fatal = store.get_flag("fatal")
+    store.close()
+    errors = [f"{p.name} exited with code {p.exitcode}" for p in procs
+              if p.exitcode not in (0, EXIT_FATAL, None, -signal.SIGTERM, -signal.SIGKILL)]
+    if signals:
+        code = 128 + signals[0]
+    elif fatal:
+        code = EXIT_FATAL
+    elif any(st["dead"] for c in counts.values() for st in c["stages"].values()) or errors:
+        code = EXIT_DEAD
+    else:
+        code = EXIT_OK
+    return RunResult(code, time.time() - start, counts, fatal, signals[0] if signals else None, errors)

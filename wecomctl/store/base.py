@@ -1,0 +1,88 @@
+"""The queue, results and ledger interface every backend implements.
+
+A lead moves through two stages, `add` then `welcome`. Per stage it is in exactly one
+state: ready, delayed (waiting for a retry), leased (a worker has it), done, dead (in the
+DLQ with errcode and reason) or skipped (the welcome ledger says this customer was already
+greeted in this campaign). So at every moment, per campaign and stage:
+
+    entered = ready + delayed + leased + done + dead + skipped
+
+and for the add stage `entered` is the number of leads imported (duplicates are not
+entered; they are counted as `skipped` at import).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol
+
+STAGES = ("add", "welcome")
+STATES = ("ready", "delayed", "leased", "done", "dead", "skipped")
+STORE_FORMAT = 1
+
+
+@dataclass
+class NewLead:
+    phone: str
+    name: str | None
+    owner: str | None
+    fields: dict[str, str]
+    source: str
+    row: int
+
+
+@dataclass
+class PutResult:
+    accepted: int = 0
+    duplicates: list[tuple[NewLead, int]] = field(default_factory=list)  # (lead, original id)
+
+
+@dataclass
+class Leased:
+    """A leased item: the lead's record as it was when leased, and the lease key."""
+
+    id: int
+    stage: str
+    key: str
+    lead: dict[str, Any]
+    expires: float
+
+    @property
+    def deliveries(self) -> int:
+        return self.lead[self.stage]["deliveries"]
+
+    @property
+    def attempts(self) -> int:
+        return self.lead[self.stage]["attempts"]
+
+
+@dataclass
+class Failure:
+    errcode: int | None
+    error: str
+    kind: str = "dead"  # the errcode class, or "invalid" / "poison" / "ledger"
+
+
+class Store(Protocol):
+    path: str
+
+    def put_leads(self, campaign: str, leads: list[NewLead], now: float) -> PutResult: ...
+    def lease(self, stage: str, lease_s: float, now: float) -> Leased | None: ...
+    def renew(self, item: Leased, lease_s: float, now: float) -> bool: ...
+    def complete(self, item: Leased, now: float, updates: dict[str, Any] | None = None,
+                 enqueue_next: bool = False, state: str = "done") -> None: ...
+    def retry(self, item: Leased, due: float, failure: Failure, now: float,
+              count_attempt: bool = True) -> str: ...
+    def bury(self, item: Leased, failure: Failure, now: float) -> None: ...
+    def release(self, item: Leased, now: float) -> None: ...
+    def maintain(self, now: float) -> int: ...
+    def next_wakeup(self) -> float | None: ...
+    def counts(self) -> dict[str, Any]: ...
+    def leads(self, campaign: str | None = None) -> Iterator[dict[str, Any]]: ...
+    def requeue_dead(self, stage: str | None, campaign: str | None, now: float,
+                     errcode: int | None = None, limit: int | None = None,
+                     dry_run: bool = False) -> int: ...
+    def welcome_ledger(self, campaign: str, external_userid: str) -> dict[str, Any] | None: ...
+    def get_flag(self, name: str) -> Any: ...
+    def set_flag(self, name: str, value: Any) -> None: ...
+    def close(self) -> None: ...

@@ -1,0 +1,353 @@
+"""The embedded store: one diskcache (SQLite, WAL) directory, safe for many processes.
+
+Every state change is one `transact()` (SQLite BEGIN IMMEDIATE), so a process killed at
+any instant leaves either the old state or the new one, never half of each.
+
+Key layout (all string keys):
+  meta.format                         store format version (checked on open)
+  seq                                 last lead id
+  campaigns                           list of campaign names
+  lead:{id}                           the lead and, per stage, {state, qkey, attempts,
+                                      deliveries, errcode, error, kind, at}
+  dd:{campaign}:{phone}               dedupe: the id of the first lead with that phone
+  ledger:welcome:{campaign}:{euid}    a customer greeted in that campaign (idempotency)
+  n:{campaign}:{stage}:{state}        counters, changed in the same transaction as the state
+  n:{campaign}:imported / :dupes      import counters
+  q.{stage}.ready-{seq}               FIFO of ready ids (diskcache push/pull)
+  q.{stage}.delay-{due_ms:015d}.{id}  retries, ordered by due time
+  q.{stage}.lease-{exp_ms:015d}.{id}.{n}  leases, ordered by expiry
+  flag:{name}                         run-wide flags (fatal stop, ...)
+
+Ready entries are checked when pulled: an entry whose lead no longer points at it (the
+lead was finished by a late ack after its lease expired) is dropped, so no extra work.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import diskcache
+
+from wecomctl.errors import StoreError
+from wecomctl.store.base import (
+    STAGES,
+    STATES,
+    STORE_FORMAT,
+    Failure,
+    Leased,
+    NewLead,
+    PutResult,
+)
+
+MAINTAIN_BATCH = 200
+
+
+def _ms(t: float) -> str:
+    return f"{int(t * 1000):015d}"
+
+
+def _due(prefix: str, key: str) -> float:
+    """The time encoded in a delay or lease key."""
+    return int(key[len(prefix) + 1:len(prefix) + 16]) / 1000
+
+
+class DiskStore:
+    def __init__(self, data_dir: str, max_attempts: int = 6, max_deliveries: int = 5, create: bool = True):
+        self.path = str(Path(data_dir) / "store")
+        self.max_attempts = max_attempts
+        self.max_deliveries = max_deliveries
+        if not create and not Path(self.path).exists():
+            raise StoreError(f"no wecomctl data in {data_dir} (run `wecomctl import` first, or pass --data-dir)")
+        try:
+            Path(self.path).mkdir(parents=True, exist_ok=True)
+            # Never evict: this is a queue, not a cache.
+            self.cache = diskcache.Cache(
+                self.path, eviction_policy="none", size_limit=2**62, cull_limit=0,
+                statistics=False, tag_index=False, timeout=60,
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the store in {self.path}: {exc} (check the path exists, is writable and has free space)") from None
+        self._check_format()
+        self._lease_seq = 0
+
+    # -- plumbing ---------------------------------------------------------------
+    @contextmanager
+    def _tx(self):
+        try:
+            with self.cache.transact():
+                yield self.cache
+        except diskcache.Timeout:
+            raise StoreError(f"the store in {self.path} stayed locked for 60 s (another process hung?)") from None
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"store {self.path}: {exc} (disk full or read-only? free space or fix permissions, then run again; nothing was lost)") from None
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"store {self.path} is damaged or not a wecomctl store: {exc}") from None
+
+    def _check_format(self) -> None:
+        with self._tx() as c:
+            found = c.get("meta.format")
+            if found is None:
+                c.set("meta.format", STORE_FORMAT)
+            elif found != STORE_FORMAT:
+                raise StoreError(
+                    f"store {self.path} has format {found}, this wecomctl reads format {STORE_FORMAT}: "
+                    "use the wecomctl version that wrote it, or a new --data-dir"
+                )
+
+    def close(self) -> None:
+        self.cache.close()
+
+    @staticmethod
+    def _count(c, campaign: str, stage: str, state: str, delta: int) -> None:
+        c.incr(f"n:{campaign}:{stage}:{state}", delta, default=0)
+
+    def _move(self, c, lead: dict, stage: str, state: str, now: float, qkey: str | None = None, **extra) -> None:
+        """Change a lead's state in one stage, keeping queue entries and counters in step."""
+        st = lead.get(stage)
+        if st is None:
+            st = {"state": None, "qkey": None, "attempts": 0, "deliveries": 0, "errcode": None, "error": None, "kind": None, "at": now}
+            lead[stage] = st
+        old, oldkey = st["state"], st["qkey"]
+        if oldkey and oldkey != qkey and old in ("delayed", "leased"):
+            c.delete(oldkey)
+        if old != state:
+            if old is not None:
+                self._count(c, lead["campaign"], stage, old, -1)
+            self._count(c, lead["campaign"], stage, state, +1)
+        st["state"] = state
+        st["qkey"] = qkey
+        st["at"] = now
+        st.update(extra)
+        if state == "ready" and qkey is None:
+            st["qkey"] = c.push(lead["id"], prefix=f"q.{stage}.ready")
+        c.set(f"lead:{lead['id']}", lead)
+
+    # -- import -------------------------------------------------------------------
+    def put_leads(self, campaign: str, leads: list[NewLead], now: float) -> PutResult:
+        res = PutResult()
+        with self._tx() as c:
+            camps = c.get("campaigns", [])
+            if campaign not in camps:
+                c.set("campaigns", camps + [campaign])
+            for nl in leads:
+                dkey = f"dd:{campaign}:{nl.phone}"
+                first = c.get(dkey)
+                if first is not None:
+                    res.duplicates.append((nl, first))
+                    c.incr(f"n:{campaign}:dupes", 1, default=0)
+                    continue
+                lid = c.incr("seq", 1, default=0)
+                lead = {
+                    "id": lid, "campaign": campaign, "phone": nl.phone, "name": nl.name,
+                    "owner": nl.owner, "fields": nl.fields, "source": nl.source, "row": nl.row,
+                    "imported_at": now, "external_userid": None,
+                }
+                c.set(dkey, lid)
+                self._move(c, lead, "add", "ready", now)
+                c.incr(f"n:{campaign}:imported", 1, default=0)
+                res.accepted += 1
+        return res
+
+    # -- leasing ------------------------------------------------------------------
+    def lease(self, stage: str, lease_s: float, now: float) -> Leased | None:
+        with self._tx() as c:
+            while True:
+                key, lid = c.pull(prefix=f"q.{stage}.ready")
+                if key is None:
+                    return None
+                lead = c.get(f"lead:{lid}")
+                if lead is None or lead.get(stage, {}).get("qkey") != key:
+                    continue  # stale entry: the lead has moved on
+                st = lead[stage]
+                if st["deliveries"] >= self.max_deliveries:
+                    # It was leased this often and never finished: it keeps killing workers.
+                    self._move(c, lead, stage, "dead", now, errcode=None, kind="poison",
+                               error=f"poison: leased {st['deliveries']} times without an outcome (a worker died each time)")
+                    continue
+                self._lease_seq += 1
+                expires = now + lease_s
+                lkey = f"q.{stage}.lease-{_ms(expires)}.{lid}.{os.getpid()}-{self._lease_seq}"
+                c.set(lkey, lid)
+                self._move(c, lead, stage, "leased", now, qkey=lkey, deliveries=st["deliveries"] + 1)
+                return Leased(lid, stage, lkey, lead, expires)
+
+    def renew(self, item: Leased, lease_s: float, now: float) -> bool:
+        with self._tx() as c:
+            lead = c.get(f"lead:{item.id}")
+            if lead is None or lead[item.stage]["qkey"] != item.key:
+                return False
+            expires = now + lease_s
+            self._lease_seq += 1
+            lkey = f"q.{item.stage}.lease-{_ms(expires)}.{item.id}.{os.getpid()}-{self._lease_seq}"
+            c.set(lkey, item.id)
+            self._move(c, lead, item.stage, "leased", now, qkey=lkey)
+            item.key, item.expires, item.lead = lkey, expires, lead
+            return True
+
+    def _current(self, c, item: Leased) -> dict | None:
+        """The lead, if this outcome should still be recorded.
+
+        A late outcome (the lease expired and the item went back to ready, or another
+        worker has it) is still the truth about what happened, so it is recorded; only an
+        item that already has a final state keeps it.
+        """
+        lead = c.get(f"lead:{item.id}")
+        if lead is None:
+            return None
+        if lead[item.stage]["state"] in ("done", "dead", "skipped"):
+            return None
+        return lead
+
+    def complete(self, item: Leased, now: float, updates: dict[str, Any] | None = None,
+                 enqueue_next: bool = False, state: str = "done") -> None:
+        with self._tx() as c:
+            lead = self._current(c, item)
+            if lead is None:
+                return
+            if updates:
+                lead.update(updates)
+            self._move(c, lead, item.stage, state, now, errcode=None, error=None, kind=None)
+            if item.stage == "welcome" and state == "done" and lead.get("external_userid"):
+                c.set(f"ledger:welcome:{lead['campaign']}:{lead['external_userid']}",
+                      {"lead": lead["id"], "at": now})
+            if enqueue_next and item.stage == "add":
+                self._move(c, lead, "welcome", "ready", now)
+
+    def retry(self, item: Leased, due: float, failure: Failure, now: float, count_attempt: bool = True) -> str:
+        with self._tx() as c:
+            lead = self._current(c, item)
+            if lead is None:
+                return "gone"
+            st = lead[item.stage]
+            attempts = st["attempts"] + (1 if count_attempt else 0)
+            info = dict(errcode=failure.errcode, error=failure.error, kind=failure.kind, attempts=attempts)
+            if count_attempt and attempts >= self.max_attempts:
+                info["error"] = f"{failure.error} (gave up after {attempts} attempts)"
+                self._move(c, lead, item.stage, "dead", now, **info)
+                return "dead"
+            dkey = f"q.{item.stage}.delay-{_ms(due)}.{item.id}"
+            c.set(dkey, item.id)
+            # A retry is a fresh delivery: the lease that ended in a known outcome does not
+            # count toward the poison limit.
+            self._move(c, lead, item.stage, "delayed", now, qkey=dkey, deliveries=max(0, st["deliveries"] - 1), **info)
+            return "delayed"
+
+    def bury(self, item: Leased, failure: Failure, now: float) -> None:
+        with self._tx() as c:
+            lead = self._current(c, item)
+            if lead is None:
+                return
+            st = lead[item.stage]
+            self._move(c, lead, item.stage, "dead", now, errcode=failure.errcode, error=failure.error,
+                       kind=failure.kind, attempts=st["attempts"] + 1)
+
+    def release(self, item: Leased, now: float) -> None:
+        """Give an item back untouched (shutdown, fatal stop): no attempt, no delivery."""
+        with self._tx() as c:
+            lead = self._current(c, item)
+            if lead is None or lead[item.stage]["qkey"] != item.key:
+                return
+            st = lead[item.stage]
+            self._move(c, lead, item.stage, "ready", now, deliveries=max(0, st["deliveries"] - 1))
+
+    def maintain(self, now: float) -> int:
+        """Move due retries and expired leases back to ready. Returns how many moved."""
+        moved = 0
+        for stage in STAGES:
+            for kind in ("delay", "lease"):
+                prefix = f"q.{stage}.{kind}"
+                for _ in range(MAINTAIN_BATCH):
+                    key, _lid = self.cache.peek(prefix=prefix)
+                    if key is None or _due(prefix, key) > now:
+                        break
+                    with self._tx() as c:
+                        # Look again inside the transaction: another process may have
+                        # taken that entry, and the new front may not be due yet.
+                        key, _lid = c.peek(prefix=prefix)
+                        if key is None or _due(prefix, key) > now:
+                            break
+                        key, lid = c.pull(prefix=prefix)
+                        lead = c.get(f"lead:{lid}")
+                        if lead is None or lead[stage]["qkey"] != key:
+                            continue
+                        self._move(c, lead, stage, "ready", now)
+                        moved += 1
+        return moved
+
+    def next_wakeup(self) -> float | None:
+        """The earliest due retry or lease expiry, or None when there are none."""
+        times = []
+        for stage in STAGES:
+            for kind in ("delay", "lease"):
+                prefix = f"q.{stage}.{kind}"
+                key, _ = self.cache.peek(prefix=prefix)
+                if key is not None:
+                    times.append(_due(prefix, key))
+        return min(times) if times else None
+
+    # -- reading ------------------------------------------------------------------
+    def campaigns(self) -> list[str]:
+        return list(self.cache.get("campaigns", []))
+
+    def counts(self) -> dict[str, Any]:
+        """{campaign: {imported, skipped, stages: {stage: {state: n, entered: n}}}}."""
+        out: dict[str, Any] = {}
+        for camp in self.campaigns():
+            stages = {}
+            for stage in STAGES:
+                row = {state: int(self.cache.get(f"n:{camp}:{stage}:{state}", 0)) for state in STATES}
+                row["entered"] = sum(row.values())
+                stages[stage] = row
+            out[camp] = {
+                "imported": int(self.cache.get(f"n:{camp}:imported", 0)),
+                "skipped": int(self.cache.get(f"n:{camp}:dupes", 0)),
+                "stages": stages,
+            }
+        return out
+
+    def leads(self, campaign: str | None = None) -> Iterator[dict[str, Any]]:
+        last = int(self.cache.get("seq", 0))
+        for lid in range(1, last + 1):
+            lead = self.cache.get(f"lead:{lid}")
+            if lead is not None and (campaign is None or lead["campaign"] == campaign):
+                yield lead
+
+    def requeue_dead(self, stage: str | None, campaign: str | None, now: float,
+                     errcode: int | None = None, limit: int | None = None, dry_run: bool = False) -> int:
+        moved = 0
+        stages = [stage] if stage else list(STAGES)
+        for lead in self.leads(campaign):
+            for st in stages:
+                s = lead.get(st)
+                if not s or s["state"] != "dead" or (errcode is not None and s["errcode"] != errcode):
+                    continue
+                if limit is not None and moved >= limit:
+                    return moved
+                moved += 1
+                if dry_run:
+                    continue
+                with self._tx() as c:
+                    fresh = c.get(f"lead:{lead['id']}")
+                    if fresh[st]["state"] != "dead":
+                        moved -= 1
+                        continue
+                    # A replay starts the item afresh; the welcome ledger still guards it.
+                    self._move(c, fresh, st, "ready", now, attempts=0, deliveries=0)
+        return moved
+
+    def welcome_ledger(self, campaign: str, external_userid: str) -> dict[str, Any] | None:
+        return self.cache.get(f"ledger:welcome:{campaign}:{external_userid}")
+
+    def get_flag(self, name: str) -> Any:
+        return self.cache.get(f"flag:{name}")
+
+    def set_flag(self, name: str, value: Any) -> None:
+        with self._tx() as c:
+            if value is None:
+                c.delete(f"flag:{name}")
+            else:
+                c.set(f"flag:{name}", value)
