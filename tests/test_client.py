@@ -130,3 +130,20 @@ def test_http_500_and_non_json_are_transient():
 def test_missing_secret_says_which_variable(monkeypatch):
     with pytest.raises(ConfigError, match="WECOM_CORP_SECRET"):
         WecomClient(BASE, "ww1", Secret(""), HttpApi(httpx.Client(), NoLimit()), lambda f: None)
+
+
+@respx.mock
+def test_same_token_with_short_remaining_life_is_not_fetched_on_every_call(tmp_path, clock):
+    """WeCom returns the same token with its remaining life when asked early."""
+    expires_at = clock() + 7200
+
+    def gettoken(request):
+        return httpx.Response(200, json={"errcode": 0, "access_token": "T", "expires_in": int(expires_at - clock())})
+
+    tok = respx.get(f"{BASE}/cgi-bin/gettoken").mock(side_effect=gettoken)
+    respx.post(f"{BASE}/cgi-bin/p").respond(json={"errcode": 0})
+    c = make_client(tmp_path, clock)
+    for _ in range(1440):  # a call every 5 s for the token's whole life
+        c.post("p", "/cgi-bin/p", {})
+        clock.t += 5
+    assert tok.call_count <= 12

@@ -32,15 +32,16 @@ class TokenCache:
         self._mem: tuple[str, float] | None = None
 
     def _read(self, fd: int) -> tuple[str, float] | None:
+        """(token, refresh_at) from the file, or None."""
         raw = os.pread(fd, 4096, 0)
         try:
             data = json.loads(raw.decode()) if raw else None
-            return (data["token"], float(data["expires_at"])) if data else None
+            return (data["token"], float(data["refresh_at"])) if data else None
         except (ValueError, KeyError, TypeError):
             return None  # a torn or foreign file: fetch a new token
 
     def _fresh(self, entry: tuple[str, float] | None) -> bool:
-        return entry is not None and self.clock() < entry[1] - self.margin
+        return entry is not None and self.clock() < entry[1]
 
     def get(self) -> str:
         if self._fresh(self._mem):
@@ -52,8 +53,11 @@ class TokenCache:
                 entry = self._read(fd)
                 if not self._fresh(entry):
                     token, expires_in = self.fetch()
-                    entry = (token, self.clock() + expires_in)
-                    data = json.dumps({"token": token, "expires_at": entry[1]}).encode()
+                    # Refresh `margin` early, but WeCom hands out the SAME token with only
+                    # its remaining life when asked inside the validity window; never
+                    # refresh sooner than half that life, or we would ask on every call.
+                    entry = (token, self.clock() + max(expires_in - self.margin, expires_in / 2))
+                    data = json.dumps({"token": token, "refresh_at": entry[1]}).encode()
                     os.ftruncate(fd, 0)
                     os.pwrite(fd, data, 0)
                 self._mem = entry
