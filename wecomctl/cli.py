@@ -28,8 +28,9 @@ app = typer.Typer(
 dlq_app = typer.Typer(help="Inspect dead letters. Example: wecomctl dlq list --stage add", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
 
-out = Console()
-err = Console(stderr=True)
+# soft_wrap: long paths and messages stay on one line in logs and pipes.
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="Config file (default ./wecomctl.yaml if present, else built-in defaults).")
 DataDirOpt = typer.Option(None, "--data-dir", "-d", help="Data directory (default ./.wecomctl).")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 
 from rich.console import Console
 from rich.table import Table
@@ -56,14 +55,15 @@ def run_demo(out: Console, err: Console, data_dir: str | None, workers: int, as_
         dead_by_reason[key] = dead_by_reason.get(key, 0) + 1
     store.close()
     rows = totals(result.counts)
-    calls = sum(v for k, v in stats["calls"].items() if k != "gettoken")
+    per_api = {api: round(n / result.elapsed, 1) for api, n in stats["calls"].items()
+               if n and api != "gettoken" and result.elapsed}
     summary = {
         "data_dir": d, "imported": report.accepted, "rejected_at_import": report.rejected,
         "duplicates_at_import": report.skipped, "added": rows["add"]["done"], "welcomed": rows["welcome"]["done"],
         "dead": rows["add"]["dead"] + rows["welcome"]["dead"], "dead_by_reason": dead_by_reason,
         "duplicate_welcomes": stats["duplicate_welcomes"], "elapsed_s": round(result.elapsed, 2),
         "calls": stats["calls"], "errors": stats["errors"],
-        "calls_per_s": round(calls / result.elapsed, 1) if result.elapsed else 0.0,
+        "calls_per_s": per_api,
         "limit_per_api_per_s": sim_cfg.rate_limit, "exit_code": result.exit_code,
     }
     code = result.exit_code if result.exit_code not in (EXIT_OK, EXIT_DEAD) else (EXIT_DEAD if summary["dead"] else EXIT_OK)
@@ -76,7 +76,8 @@ def run_demo(out: Console, err: Console, data_dir: str | None, workers: int, as_
     t.add_column("value", justify="right")
     for k in ("imported", "rejected_at_import", "duplicates_at_import", "added", "welcomed", "dead", "duplicate_welcomes", "elapsed_s"):
         t.add_row(k.replace("_", " "), str(summary[k]))
-    t.add_row("calls/s (all APIs)", f"{summary['calls_per_s']} (limit {sim_cfg.rate_limit}/s per API)")
+    for api, rate in per_api.items():
+        t.add_row(f"calls/s {api}", f"{rate} (limit {sim_cfg.rate_limit})")
     out.print(t)
     for reason, n in sorted(dead_by_reason.items(), key=lambda kv: -kv[1]):
         out.print(f"  dead {n:>4}  {reason}", highlight=False)

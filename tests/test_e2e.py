@@ -1,0 +1,146 @@
+"""The spine, end to end over real sockets: simulator with faults, CLI import, run, status, export."""
+
+import csv
+import io
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from wecomctl import config as cfg
+from wecomctl.samples import PREFIXES
+from wecomctl.simulator import SimConfig, start_in_thread
+
+STAFF = ["zhangsan", "lisi", "wangwu"]
+
+
+def cli(*args, check=True, env=None):
+    proc = subprocess.run([sys.executable, "-m", "wecomctl", *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **(env or {})})
+    if check and proc.returncode not in (0, 1):
+        raise AssertionError(f"wecomctl {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def make_leads(path, n_valid=470, n_invalid=10, n_unknown=10, n_dupes=10, seed=1):
+    rng = random.Random(seed)
+    valid = set()
+    while len(valid) < n_valid:
+        num = f"{rng.choice(PREFIXES)}{rng.randrange(10**8):08d}"
+        if not num.endswith("44"):
+            valid.add(num)
+    valid = sorted(valid)
+    unknown = [f"139{rng.randrange(10**6):06d}44" for _ in range(n_unknown)]
+    rows = [(v, f"客户{i}", STAFF[i % 3]) for i, v in enumerate(valid)]
+    rows += [(u, "未知", "lisi") for u in unknown]
+    rows += [("12345", "坏号", "lisi")] * n_invalid
+    rows += [(f"+86 {v[:3]} {v[3:7]} {v[7:]}", "重复", "lisi") for v in valid[:n_dupes]]
+    rng.shuffle(rows)
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["手机号", "姓名", "负责人"])
+        w.writerows(rows)
+    return valid, unknown
+
+
+@pytest.fixture
+def sim():
+    sc = SimConfig(latency_ms=20, latency_jitter_ms=20, busy_rate=0.05, token_ttl_s=3, rate_limit=40, seed=3)
+    with start_in_thread(sc) as handle:
+        yield sc, handle
+
+
+def test_campaign_end_to_end(tmp_path, sim):
+    sc, handle = sim
+    conf = tmp_path / "sim.yaml"
+    conf.write_text(cfg.simulator_config(handle.url, sc), encoding="utf-8")
+    data = str(tmp_path / "data")
+    leads = tmp_path / "leads.csv"
+    valid, unknown = make_leads(leads)
+
+    imp = cli("import", str(leads), "--campaign", "e2e", "--config", str(conf), "--data-dir", data, "--json")
+    report = json.loads(imp.stdout)
+    assert report["accepted"] == 480 and report["rejected"] == 10 and report["skipped"] == 10
+    assert imp.returncode == 1  # rejects
+    with open(report["rejects_file"], encoding="utf-8-sig") as fh:
+        rejects = list(csv.DictReader(fh))
+    assert len(rejects) == 10 and all(r["raw"] == "12345" and r["reason"] for r in rejects)
+    # importing the same file again adds nothing
+    again = json.loads(cli("import", str(leads), "--campaign", "e2e", "--config", str(conf), "--data-dir", data, "--json").stdout)
+    assert again["accepted"] == 0 and again["skipped"] == 490
+
+    log = tmp_path / "run.out"
+    with open(log, "w") as fh:
+        proc = subprocess.run([sys.executable, "-m", "wecomctl", "run", "--config", str(conf), "--data-dir", data,
+                               "--workers", "2", "--progress-interval", "2"],
+                              stdout=fh, stderr=subprocess.PIPE, text=True, timeout=300)
+    out = log.read_text()
+    assert proc.returncode == 1, proc.stderr  # the unknown numbers are dead
+    assert "\x1b" not in out and "\r" not in out  # no terminal control codes in a file
+    assert re.search(r"progress \d+s add: \d+/480", out)
+
+    st = json.loads(cli("status", "--json", "--config", str(conf), "--data-dir", data).stdout)
+    add, welcome = st["stages"]["add"], st["stages"]["welcome"]
+    assert st["imported"] == 480 == add["done"] + add["dead"]
+    assert add["dead"] == len(unknown)
+    assert welcome["entered"] == add["done"] == welcome["done"]
+
+    stats = handle.stats()
+    assert stats["duplicate_welcomes"] == 0
+    assert stats["welcomes"] == len(valid)
+    assert "45009" not in json.dumps(stats["errors"])  # configured at the simulator's limit
+    assert stats["errors"].get("add_by_phone", {}).get("910001") == len(unknown)
+    assert stats["errors"].get("add_by_phone", {}).get("-1", 0) > 0  # faults really happened
+    assert stats["calls"]["gettoken"] >= 2  # tokens expired and were refreshed
+
+    dlq = json.loads(cli("dlq", "list", "--json", "--config", str(conf), "--data-dir", data).stdout)
+    assert {d["errcode"] for d in dlq} == {910001}
+    assert sorted(d["phone"] for d in dlq) == sorted("+86" + u for u in unknown)
+
+    exp = cli("export", "--format", "csv", "--config", str(conf), "--data-dir", data).stdout
+    rows = list(csv.DictReader(io.StringIO(exp.lstrip("\ufeff"))))
+    assert len(rows) == 480
+    welcomed = [r for r in rows if r["welcome_status"] == "sent"]
+    assert len(welcomed) == len(valid) and all(r["external_userid"].startswith("wm") for r in welcomed)
+    dead = [r for r in rows if r["add_status"] == "dead"]
+    assert all(r["errcode"] == "910001" for r in dead)
+
+    # secrets never reach logs, exports or the store's readable outputs
+    for text in (out, proc.stderr, exp, json.dumps(dlq)):
+        assert sc.corp_secret not in text and sc.gateway_key not in text
+
+
+def test_bad_input_gets_one_line_errors(tmp_path):
+    cases = [
+        (["import", str(tmp_path / "missing.csv"), "--campaign", "x"], 2, "file not found"),
+        (["import", str(tmp_path / "missing.csv")], 2, "--campaign"),
+        (["status", "--data-dir", str(tmp_path / "none")], 2, "wecomctl import"),
+        (["run", "--config", str(tmp_path / "nope.yaml")], 2, "config file not found"),
+    ]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("wecom: [unclosed", encoding="utf-8")
+    cases.append((["status", "--config", str(bad)], 2, "not valid YAML"))
+    for args, code, words in cases:
+        proc = cli(*args, check=False)
+        assert proc.returncode == code, (args, proc.stdout, proc.stderr)
+        assert words in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+
+
+def test_unreachable_api_is_retried_then_dead_lettered_not_a_traceback(tmp_path):
+    conf_data = yaml.safe_load(cfg.simulator_config("http://127.0.0.1:9", SimConfig()))  # nothing listens on 9
+    conf_data["retry"] = {"max_attempts": 2, "base_delay_s": 0.01, "max_delay_s": 0.02}
+    conf = tmp_path / "c.yaml"
+    conf.write_text(yaml.safe_dump(conf_data, allow_unicode=True), encoding="utf-8")
+    data = str(tmp_path / "d")
+    leads = tmp_path / "l.csv"
+    leads.write_text("phone,name,owner\n13800138000,A,zhangsan\n", encoding="utf-8")
+    cli("import", str(leads), "--campaign", "u", "--config", str(conf), "--data-dir", data)
+    proc = cli("run", "--config", str(conf), "--data-dir", data, "--workers", "1", "--json", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    dlq = json.loads(cli("dlq", "list", "--json", "--config", str(conf), "--data-dir", data).stdout)
+    assert len(dlq) == 1 and dlq[0]["kind"] == "network" and "reachable" in dlq[0]["error"]
