@@ -131,16 +131,30 @@ def test_bad_input_gets_one_line_errors(tmp_path):
         assert words in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
 
 
-def test_unreachable_api_is_retried_then_dead_lettered_not_a_traceback(tmp_path):
-    conf_data = yaml.safe_load(cfg.simulator_config("http://127.0.0.1:9", SimConfig()))  # nothing listens on 9
-    conf_data["retry"] = {"max_attempts": 2, "base_delay_s": 0.01, "max_delay_s": 0.02}
+def test_unreachable_api_stops_the_run_with_items_queued(tmp_path):
+    conf = tmp_path / "c.yaml"
+    conf.write_text(cfg.simulator_config("http://127.0.0.1:9", SimConfig()), encoding="utf-8")  # nothing on 9
+    data = str(tmp_path / "d")
+    leads = tmp_path / "l.csv"
+    leads.write_text("phone,name,owner\n13800138000,A,zhangsan\n", encoding="utf-8")
+    cli("import", str(leads), "--campaign", "u", "--config", str(conf), "--data-dir", data)
+    proc = cli("run", "--config", str(conf), "--data-dir", data, "--workers", "1", check=False)
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr
+    assert "cannot reach" in proc.stderr and proc.stderr.strip().count("\n") == 0
+    st = json.loads(cli("status", "--json", "--config", str(conf), "--data-dir", data).stdout)
+    assert st["stages"]["add"]["ready"] == 1 and st["stages"]["add"]["dead"] == 0
+
+
+def test_bad_secret_stops_before_any_item_is_touched(tmp_path, sim):
+    sc, handle = sim
+    conf_data = yaml.safe_load(cfg.simulator_config(handle.url, sc))
+    conf_data["wecom"]["corp_secret"] = "wrong-secret"
     conf = tmp_path / "c.yaml"
     conf.write_text(yaml.safe_dump(conf_data, allow_unicode=True), encoding="utf-8")
     data = str(tmp_path / "d")
     leads = tmp_path / "l.csv"
     leads.write_text("phone,name,owner\n13800138000,A,zhangsan\n", encoding="utf-8")
     cli("import", str(leads), "--campaign", "u", "--config", str(conf), "--data-dir", data)
-    proc = cli("run", "--config", str(conf), "--data-dir", data, "--workers", "1", "--json", check=False)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    dlq = json.loads(cli("dlq", "list", "--json", "--config", str(conf), "--data-dir", data).stdout)
-    assert len(dlq) == 1 and dlq[0]["kind"] == "network" and "reachable" in dlq[0]["error"]
+    proc = cli("run", "--config", str(conf), "--data-dir", data, "--workers", "1", check=False)
+    assert proc.returncode == 3 and "40001" in proc.stderr and "wrong-secret" not in proc.stderr
+    assert handle.stats()["calls"]["add_by_phone"] == 0

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from wecomctl.config import Settings
-from wecomctl.errors import EXIT_DEAD, EXIT_FATAL, EXIT_OK
+import httpx
+
+from wecomctl.errors import EXIT_DEAD, EXIT_FATAL, EXIT_OK, ApiError, NetworkError, WecomctlError
 from wecomctl.pipeline.worker import build_context, open_store, worker_main
 
 POLL_S = 0.25
@@ -33,11 +35,41 @@ class RunResult:
     worker_errors: list[str] = field(default_factory=list)
 
 
+class Unreachable(WecomctlError):
+    exit_code = EXIT_FATAL
+
+
+def preflight(ctx) -> None:
+    """Fetch the shared token (checks URL, corp ID and secret) and reach the gateway.
+
+    A network outage here stops the run with items still queued, instead of burning
+    every item's attempts and dead-lettering the whole campaign.
+    """
+    try:
+        for provider in ctx.welcome.values():
+            client = getattr(provider, "client", None)
+            if client is not None:
+                client.tokens.get()
+                break
+        gateway = ctx.add.gateway
+        try:
+            gateway.http.http.request("GET", gateway.base)
+        except httpx.HTTPError as exc:
+            raise NetworkError("gateway", f"{type(exc).__name__}: {exc}") from None
+    except NetworkError as exc:
+        raise Unreachable(f"cannot reach {exc.api}: {exc.errmsg}; check the base_url in the config and the network. Nothing was changed.") from None
+    except ApiError as exc:
+        if exc.kind == "fatal":
+            raise Unreachable(f"{exc}. Nothing was changed; fix the config or the app's permissions and run again.") from None
+        raise Unreachable(f"the first call failed: {exc}") from None
+
+
 def run(settings: Settings, workers: int, until_empty: bool = True,
         on_tick: Callable[[dict, float], None] | None = None, log_level: str = "WARNING") -> RunResult:
     store = open_store(settings, create=False)
-    # Build the clients once here so a missing secret or URL fails before any process starts.
-    build_context(settings, store, threading.Event())
+    # Build the clients once here so a missing secret or URL, a bad secret or an API that
+    # cannot be reached fails before any process starts and before any item is touched.
+    preflight(build_context(settings, store, threading.Event()))
     store.set_flag("fatal", None)  # a new run: the operator has fixed what stopped the last one
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=worker_main, args=(settings, until_empty, log_level), name=f"wecomctl-worker-{i}")
