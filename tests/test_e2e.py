@@ -158,3 +158,25 @@ def test_bad_secret_stops_before_any_item_is_touched(tmp_path, sim):
     proc = cli("run", "--config", str(conf), "--data-dir", data, "--workers", "1", check=False)
     assert proc.returncode == 3 and "40001" in proc.stderr and "wrong-secret" not in proc.stderr
     assert handle.stats()["calls"]["add_by_phone"] == 0
+
+
+@pytest.mark.parametrize("provider", ["gateway", "welcome_code"])
+def test_other_welcome_providers_end_to_end(tmp_path, provider):
+    sc = SimConfig(latency_ms=10, busy_rate=0.05, rate_limit=80, seed=5)
+    with start_in_thread(sc) as handle:
+        conf_data = yaml.safe_load(cfg.simulator_config(handle.url, sc))
+        conf_data["welcome"]["provider"] = provider
+        conf = tmp_path / "c.yaml"
+        conf.write_text(yaml.safe_dump(conf_data, allow_unicode=True), encoding="utf-8")
+        data = str(tmp_path / "d")
+        leads = tmp_path / "l.csv"
+        valid, unknown = make_leads(leads, n_valid=100, n_invalid=0, n_unknown=3, n_dupes=0, seed=9)
+        cli("import", str(leads), "--campaign", "p", "--config", str(conf), "--data-dir", data)
+        proc = cli("run", "--config", str(conf), "--data-dir", data, "--workers", "1", "--json", check=False)
+        assert proc.returncode == 1, proc.stderr
+        st = json.loads(cli("status", "--json", "--config", str(conf), "--data-dir", data).stdout)
+        stats = handle.stats()
+    api = {"gateway": "send_text", "welcome_code": "send_welcome_msg"}[provider]
+    assert st["stages"]["welcome"]["done"] == 100 and st["stages"]["add"]["dead"] == 3
+    assert stats["calls"][api] >= 100 and stats["calls"].get("add_msg_template", 0) == 0
+    assert stats["welcomes"] == 100 and stats["duplicate_welcomes"] == 0
