@@ -180,3 +180,43 @@ def test_other_welcome_providers_end_to_end(tmp_path, provider):
     assert st["stages"]["welcome"]["done"] == 100 and st["stages"]["add"]["dead"] == 3
     assert stats["calls"][api] >= 100 and stats["calls"].get("add_msg_template", 0) == 0
     assert stats["welcomes"] == 100 and stats["duplicate_welcomes"] == 0
+
+
+def test_live_view_on_a_terminal(tmp_path):
+    """On a terminal (a pty here) the parent draws rich bars instead of plain lines."""
+    import pty
+    import select
+
+    sc = SimConfig(latency_ms=20, rate_limit=50)
+    with start_in_thread(sc) as handle:
+        conf = tmp_path / "c.yaml"
+        conf.write_text(cfg.simulator_config(handle.url, sc), encoding="utf-8")
+        data = str(tmp_path / "d")
+        leads = tmp_path / "l.csv"
+        make_leads(leads, n_valid=60, n_invalid=0, n_unknown=0, n_dupes=0)
+        cli("import", str(leads), "--campaign", "t", "--config", str(conf), "--data-dir", data)
+        master, slave = pty.openpty()
+        env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"}
+        env.pop("CI", None)  # rich treats CI as "not interactive"
+        proc = subprocess.Popen([sys.executable, "-m", "wecomctl", "run", "--config", str(conf), "--data-dir", data,
+                                 "--workers", "1"], stdout=slave, stderr=slave, env=env)
+        os.close(slave)
+        chunks = []
+        while True:
+            ready, _, _ = select.select([master], [], [], 60)
+            if not ready:
+                break
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        proc.wait(timeout=60)
+        os.close(master)
+    screen = b"".join(chunks).decode("utf-8", "replace")
+    assert proc.returncode == 0, screen
+    assert "\x1b[" in screen  # cursor control: a live view
+    assert "add" in screen and "welcome" in screen and "60/60" in screen
+    assert "progress " not in screen  # not the plain-line format
