@@ -105,13 +105,15 @@ def import_cmd(
             out.print(f"  rejected {n}: {reason}")
         if report.rejects_file:
             out.print(f"rejects written to {report.rejects_file}")
+        if report.duplicates_file:
+            out.print(f"duplicates (with the row each matched) written to {report.duplicates_file}")
     raise typer.Exit(EXIT_DEAD if report.rejected else EXIT_OK)
 
 
 # --- run --------------------------------------------------------------------------------
 @app.command()
 def run(
-    workers: int = typer.Option(0, "--workers", "-w", help="Worker processes (default: run.workers, else CPU count)."),
+    workers: int = typer.Option(0, "--workers", "-w", min=0, help="Worker processes (default: run.workers, else CPU count)."),
     until_empty: bool = typer.Option(True, "--until-empty/--forever", help="Stop when every queue is drained (default), or keep running."),
     progress_interval: Optional[float] = typer.Option(None, "--progress-interval", help="Seconds between plain progress lines when stdout is not a terminal."),
     log_level: str = typer.Option("WARNING", "--log-level", help="DEBUG, INFO, WARNING or ERROR (to stderr)."),

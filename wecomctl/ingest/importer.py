@@ -8,7 +8,6 @@ again after an interruption, enqueues nothing twice.
 from __future__ import annotations
 
 import csv
-import itertools
 import os
 import time
 from dataclasses import dataclass, field
@@ -44,11 +43,13 @@ class ImportReport:
     reasons: dict[str, int] = field(default_factory=dict)
     files: list[FileReport] = field(default_factory=list)
     rejects_file: str | None = None
+    duplicates_file: str | None = None
     dry_run: bool = False
 
     def as_json(self) -> dict:
         return {"accepted": self.accepted, "rejected": self.rejected, "skipped": self.skipped,
-                "blank": self.blank, "rejects_file": self.rejects_file, "campaign": self.campaign,
+                "blank": self.blank, "rejects_file": self.rejects_file,
+                "duplicates_file": self.duplicates_file, "campaign": self.campaign,
                 "dry_run": self.dry_run, "reasons": self.reasons,
                 "files": [vars(f) for f in self.files]}
 
@@ -71,15 +72,25 @@ class Importer:
         self.rejects_dir = rejects_dir
         self.dry_run = dry_run
         self.clock = clock
-        self._robin = itertools.cycle(self.staff) if self.staff else None
+        if owner and self.staff and owner not in self.staff:
+            raise InputError(f"--owner {owner} is not in `staff:` of the config ({', '.join(self.staff)})")
+        # Round-robin by the lead's position in this import, not by a running cycle, so a
+        # re-run after an interruption assigns every lead the same owner as before.
+        self._position = 0
         self._seen: dict[str, tuple[str, int]] = {}  # dry run: phone -> (file, row)
+        self._duplicates: list[tuple[NewLead, str, int]] = []  # (lead, matched file, matched row)
 
-    def _owner_for(self, lead: Lead) -> str | None:
-        if lead.owner:
-            return lead.owner
-        if self.owner:
-            return self.owner
-        return next(self._robin) if self._robin else None
+    def _owner_for(self, lead: Lead) -> tuple[str | None, str | None]:
+        """(owner, reject reason)."""
+        self._position += 1
+        owner = lead.owner or self.owner
+        if owner is None and self.staff:
+            owner = self.staff[(self._position - 1) % len(self.staff)]
+        if owner is None:
+            return None, "no owner: the file has no owner column; pass --owner USERID or set `staff:` in the config"
+        if self.staff and owner not in self.staff:
+            return None, f"unknown owner: {owner} is not in `staff:` of the config (left the company? fix the owner column)"
+        return owner, None
 
     def run(self, paths: list[str]) -> ImportReport:
         # Open every file first: a file refused as a whole stops the import before
@@ -98,13 +109,12 @@ class Importer:
                     rejects.append(row)
                     fr.rejected += 1
                 else:
-                    owner = self._owner_for(row)
-                    if owner is None:
-                        rejects.append(Reject(row.source, row.row, row.raw,
-                                              "no owner: the file has no owner column; pass --owner USERID or set `staff:` in the config"))
+                    owner, why = self._owner_for(row)
+                    if why:
+                        rejects.append(Reject(row.source, row.row, row.raw, why))
                         fr.rejected += 1
                         continue
-                    batch.append(NewLead(row.phone, row.name, owner, dict(row.fields), row.source, row.row))
+                    batch.append(NewLead(row.phone, row.name, owner, dict(row.fields), row.source, row.row, row.raw))
                     if len(batch) >= BATCH:
                         self._flush(batch, fr, rejects)
                         batch = []
@@ -116,7 +126,11 @@ class Importer:
         for r in rejects:
             key = _reason_class(r.reason)
             report.reasons[key] = report.reasons.get(key, 0) + 1
-        report.rejects_file = self._write_rejects(rejects)
+        report.rejects_file = self._write("rejects", ["file", "row", "raw", "reason"],
+                                          ([r.source, r.row, r.raw, r.reason] for r in rejects), bool(rejects))
+        report.duplicates_file = self._write(
+            "duplicates", ["file", "row", "raw", "phone", "matches_file", "matches_row"],
+            ([d.source, d.row, d.raw, d.phone, mf, mr] for d, mf, mr in self._duplicates), bool(self._duplicates))
         return report
 
     def _flush(self, batch: list[NewLead], fr: FileReport, rejects: list[Reject]) -> None:
@@ -126,6 +140,7 @@ class Importer:
             for nl in batch:
                 if nl.phone in self._seen:
                     fr.skipped += 1
+                    self._duplicates.append((nl, *self._seen[nl.phone]))
                 else:
                     self._seen[nl.phone] = (nl.source, nl.row)
                     fr.accepted += 1
@@ -133,20 +148,23 @@ class Importer:
         res = self.store.put_leads(self.campaign, batch, self.clock())
         fr.accepted += res.accepted
         fr.skipped += len(res.duplicates)
+        for nl, first_id in res.duplicates:
+            first = self.store.lead(first_id) or {}
+            self._duplicates.append((nl, first.get("source", ""), first.get("row", "")))
 
-    def _write_rejects(self, rejects: list[Reject]) -> str | None:
-        if not rejects or not self.rejects_dir:
+    def _write(self, kind: str, header: list[str], rows, any_rows: bool) -> str | None:
+        """A report CSV in the data dir (atomically), or None when there is nothing to say."""
+        if not any_rows or not self.rejects_dir:
             return None
         Path(self.rejects_dir).mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self.clock()))
         safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in self.campaign)
-        path = Path(self.rejects_dir) / f"rejects-{safe}-{stamp}.csv"
+        path = Path(self.rejects_dir) / f"{kind}-{safe}-{stamp}.csv"
         tmp = path.with_suffix(".csv.tmp")
         # utf-8-sig so Excel opens Chinese reasons correctly.
         with open(tmp, "w", newline="", encoding="utf-8-sig") as fh:
             w = csv.writer(fh)
-            w.writerow(["file", "row", "raw", "reason"])
-            for r in rejects:
-                w.writerow([r.source, r.row, r.raw, r.reason])
+            w.writerow(header)
+            w.writerows(rows)
         os.replace(tmp, path)
         return str(path)

@@ -309,6 +309,9 @@ class DiskStore:
             }
         return out
 
+    def lead(self, lead_id: int) -> dict[str, Any] | None:
+        return self.cache.get(f"lead:{lead_id}")
+
     def leads(self, campaign: str | None = None) -> Iterator[dict[str, Any]]:
         last = int(self.cache.get("seq", 0))
         for lid in range(1, last + 1):

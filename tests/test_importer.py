@@ -1,0 +1,84 @@
+"""The importer: owners, dedupe across files and runs, reports, dry run, re-runs."""
+
+import csv
+
+import pytest
+
+from wecomctl.errors import InputError
+from wecomctl.ingest.importer import Importer
+
+
+def write(path, rows, header=("手机号", "姓名")):
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    return str(path)
+
+
+def owners(store):
+    return [(lead["phone"], lead["owner"]) for lead in store.leads()]
+
+
+NUMS = [f"1380013{i:04d}" for i in range(10)]
+
+
+def test_round_robin_owners_are_the_same_after_an_interrupted_import(tmp_path, store):
+    f = write(tmp_path / "a.csv", [(n, "x") for n in NUMS])
+    part = write(tmp_path / "part.csv", [(n, "x") for n in NUMS[:4]])  # what was read before a kill
+    Importer(store, "c", staff=["a", "b", "c"]).run([part])
+    Importer(store, "c", staff=["a", "b", "c"]).run([f])  # the operator runs it again
+    from wecomctl.store.disk import DiskStore
+    fresh = DiskStore(str(tmp_path / "fresh"))
+    Importer(fresh, "c", staff=["a", "b", "c"]).run([f])
+    assert owners(store) == owners(fresh)
+    assert [o for _, o in owners(fresh)][:4] == ["a", "b", "c", "a"]
+    fresh.close()
+
+
+def test_unknown_owner_is_a_reject_and_bad_owner_flag_an_error(tmp_path, store):
+    f = write(tmp_path / "o.csv", [(NUMS[0], "x", "zhangsan"), (NUMS[1], "y", "ghost")], ("手机号", "姓名", "负责人"))
+    rep = Importer(store, "c", staff=["zhangsan"], rejects_dir=str(tmp_path / "r")).run([f])
+    assert rep.accepted == 1 and rep.rejected == 1 and rep.reasons == {"unknown owner": 1}
+    with pytest.raises(InputError, match="--owner ghost"):
+        Importer(store, "c", owner="ghost", staff=["zhangsan"])
+
+
+def test_no_owner_anywhere_is_a_reject_with_what_to_do(tmp_path, store):
+    f = write(tmp_path / "n.csv", [(NUMS[0], "x")])
+    rep = Importer(store, "c").run([f])
+    assert rep.accepted == 0 and rep.rejected == 1 and "no owner" in rep.reasons
+
+
+def test_duplicates_report_names_the_row_they_matched(tmp_path, store):
+    a = write(tmp_path / "a.csv", [(NUMS[0], "x"), (NUMS[1], "y")])
+    b = write(tmp_path / "b.csv", [("+86 " + NUMS[1], "dup"), (NUMS[2], "z")])
+    rep = Importer(store, "c", owner="o", rejects_dir=str(tmp_path / "r")).run([a, b])
+    assert rep.accepted == 3 and rep.skipped == 1
+    with open(rep.duplicates_file, encoding="utf-8-sig") as fh:
+        (dup,) = list(csv.DictReader(fh))
+    assert dup["file"] == b and dup["row"] == "1" and dup["matches_file"] == a and dup["matches_row"] == "2"
+    assert dup["phone"] == "+86" + NUMS[1]
+
+
+def test_dry_run_reports_the_same_and_enqueues_nothing(tmp_path, store):
+    a = write(tmp_path / "a.csv", [(NUMS[0], "x"), (NUMS[0], "again"), ("12345", "bad")])
+    dry = Importer(None, "c", owner="o", dry_run=True).run([a])
+    assert (dry.accepted, dry.skipped, dry.rejected) == (1, 1, 1)
+    assert store.counts() == {}
+    real = Importer(store, "c", owner="o").run([a])
+    assert (real.accepted, real.skipped, real.rejected) == (1, 1, 1)
+
+
+def test_a_refused_file_stops_before_anything_is_enqueued(tmp_path, store):
+    good = write(tmp_path / "g.csv", [(NUMS[0], "x")])
+    bad = tmp_path / "b.csv"
+    bad.write_text("姓名,备注\n张三,x\n", encoding="utf-8")
+    with pytest.raises(InputError):
+        Importer(store, "c", owner="o").run([good, str(bad)])
+    assert store.counts() == {}
+
+
+def test_campaign_name_is_required(store):
+    with pytest.raises(InputError, match="--campaign"):
+        Importer(store, "  ")
