@@ -105,7 +105,7 @@ def test_campaign_end_to_end(tmp_path, sim):
     exp = cli("export", "--format", "csv", "--config", str(conf), "--data-dir", data).stdout
     rows = list(csv.DictReader(io.StringIO(exp.lstrip("\ufeff"))))
     assert len(rows) == 480
-    welcomed = [r for r in rows if r["welcome_status"] == "sent"]
+    welcomed = [r for r in rows if r["welcome_status"] == "task_created"]
     assert len(welcomed) == len(valid) and all(r["external_userid"].startswith("wm") for r in welcomed)
     dead = [r for r in rows if r["add_status"] == "dead"]
     assert all(r["errcode"] == "910001" for r in dead)

@@ -44,10 +44,46 @@ def test_unknown_owner_is_a_reject_and_bad_owner_flag_an_error(tmp_path, store):
         Importer(store, "c", owner="ghost", staff=["zhangsan"])
 
 
-def test_no_owner_anywhere_is_a_reject_with_what_to_do(tmp_path, store):
+def test_no_owner_anywhere_refuses_the_file_and_rejects_json_records(tmp_path, store):
     f = write(tmp_path / "n.csv", [(NUMS[0], "x")])
-    rep = Importer(store, "c").run([f])
-    assert rep.accepted == 0 and rep.rejected == 1 and "no owner" in rep.reasons
+    with pytest.raises(InputError, match="--owner"):
+        Importer(store, "c").run([f])
+    j = tmp_path / "n.jsonl"
+    j.write_text('{"phone": "%s", "owner": "a"}\n{"phone": "%s"}\n' % (NUMS[0], NUMS[1]), encoding="utf-8")
+    rep = Importer(store, "c").run([str(j)])
+    assert rep.accepted == 1 and rep.rejected == 1 and "no owner" in rep.reasons
+
+
+def test_template_variable_missing_from_the_file_refuses_it(tmp_path, store):
+    f = write(tmp_path / "t.csv", [(NUMS[0], "x")])
+    with pytest.raises(InputError, match="城市"):
+        Importer(store, "c", owner="o", template="{name}，{城市}见").run([f])
+    ok = write(tmp_path / "t2.csv", [(NUMS[0], "x", "北京")], ("手机号", "姓名", "城市"))
+    assert Importer(store, "c", owner="o", template="{name}，{城市}见").run([ok]).accepted == 1
+
+
+def test_fixed_rows_replace_their_dead_letters(tmp_path, store, clock):
+    from wecomctl.store.base import Failure
+
+    f = write(tmp_path / "a.csv", [(NUMS[0], "x", "ghost"), (NUMS[1], "y", "a")], ("手机号", "姓名", "负责人"))
+    Importer(store, "c").run([f])
+    item = store.lease("add", 10, clock())
+    store.bury(item, Failure(60111, "userid not found", "dead"), clock())
+    fixed = write(tmp_path / "fixed.csv", [(NUMS[0], "x", "b"), (NUMS[1], "y", "a")], ("手机号", "姓名", "负责人"))
+    rep = Importer(store, "c").run([fixed])
+    assert rep.revived == 1 and rep.skipped == 1 and rep.accepted == 0
+    lead = store.lead(item.id)
+    assert lead["owner"] == "b" and lead["add"]["state"] == "ready" and lead["add"]["attempts"] == 0
+    counts = store.counts()["c"]["stages"]["add"]
+    assert counts["dead"] == 0 and counts["ready"] == 2
+
+
+def test_dry_run_counts_what_the_campaign_already_holds(tmp_path, store):
+    f = write(tmp_path / "a.csv", [(NUMS[0], "x"), (NUMS[1], "y")])
+    Importer(store, "c", owner="o").run([write(tmp_path / "first.csv", [(NUMS[0], "x")])])
+    dry = Importer(store, "c", owner="o", dry_run=True).run([f])
+    assert (dry.accepted, dry.skipped) == (1, 1)
+    assert store.counts()["c"]["imported"] == 1
 
 
 def test_duplicates_report_names_the_row_they_matched(tmp_path, store):

@@ -104,15 +104,25 @@ def test_41051_already_delivered_counts_as_done(store, clock):
     assert rec["welcome"]["state"] == "done" and rec["welcome_status"] == "already_sent"
 
 
-def test_missing_template_variable_is_dead_without_a_call(store, clock):
+def test_missing_template_variable_stops_the_add_without_any_call(store, clock):
+    """A customer we could not greet is not added in the first place."""
     store.put_leads("c", [lead()], clock())
-    welcome = FakeWelcome()
-    ctx = ctx_for(store, clock, welcome=welcome, text="您好{name}，{城市}见")
+    add, welcome = FakeAdd(), FakeWelcome()
+    ctx = ctx_for(store, clock, add=add, welcome=welcome, text="您好{name}，{城市}见")
+    assert process(ctx, store.lease("add", 30, clock())) == "dead"
+    assert add.calls == 0 and welcome.calls == 0
+    st = state(store, "add")
+    assert st["kind"] == "invalid" and "城市" in st["error"] and st["attempts"] == 0 and st["calls"] == 0
+
+
+def test_calls_are_counted_per_stage(store, clock):
+    store.put_leads("c", [lead()], clock())
+    ctx = ctx_for(store, clock, add=FakeAdd([api_error("add_by_phone", -1, "busy")]))
     process(ctx, store.lease("add", 30, clock()))
-    assert process(ctx, store.lease("welcome", 30, clock())) == "dead"
-    assert welcome.calls == 0
-    st = state(store, "welcome")
-    assert st["kind"] == "invalid" and "城市" in st["error"]
+    clock.t += 100
+    store.maintain(clock())
+    process(ctx, store.lease("add", 30, clock()))
+    assert state(store, "add")["calls"] == 2
 
 
 def test_ledger_prevents_a_second_welcome_after_replay(store, clock):

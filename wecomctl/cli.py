@@ -81,11 +81,16 @@ def import_cmd(
         for f in files:
             if not os.path.isfile(f):
                 raise WecomctlError(f"file not found: {f}")
-        store = None if dry_run else open_store(s)
+        if dry_run:
+            # Read what the campaign already holds, if anything; never create a store.
+            store = open_store(s) if os.path.isdir(os.path.join(s.data_dir, "store")) else None
+        else:
+            store = open_store(s)
         opts = ReadOptions(encoding=encoding, delimiter=delimiter, phone_column=phone_column,
                            name_column=name_column, owner_column=owner_column)
         imp = Importer(store, campaign, owner=owner, staff=s.staff, options=opts,
-                       rejects_dir=os.path.join(s.data_dir, "rejects"), dry_run=dry_run)
+                       rejects_dir=os.path.join(s.data_dir, "rejects"), dry_run=dry_run,
+                       template=s.welcome_for(campaign.strip()).text)
         report = imp.run(files)
         if store:
             store.close()
@@ -103,6 +108,8 @@ def import_cmd(
         out.print(t)
         for reason, n in sorted(report.reasons.items(), key=lambda kv: -kv[1]):
             out.print(f"  rejected {n}: {reason}")
+        if report.revived:
+            out.print(f"{report.revived} fixed rows replaced their dead letters and are queued again")
         if report.rejects_file:
             out.print(f"rejects written to {report.rejects_file}")
         if report.duplicates_file:
@@ -130,7 +137,9 @@ def run(
     try:
         s = _settings(config, data_dir)
         n = workers or s.run.workers or os.cpu_count() or 1
-        prog = make_progress(out, progress_interval if progress_interval is not None else s.run.progress_interval_s)
+        interval = progress_interval if progress_interval is not None else s.run.progress_interval_s
+        # With --json, stdout carries only the JSON; progress goes to stderr.
+        prog = make_progress(err if as_json else out, interval)
         with prog:
             result = pool.run(s, n, until_empty, on_tick=prog.tick, log_level=log_level.upper())
             prog.tick(result.counts, result.elapsed, final=True)
@@ -143,14 +152,16 @@ def run(
 def _print_run_summary(result, as_json: bool) -> None:
     from wecomctl.report.progress import totals
 
-    rows = totals(result.counts)
+    rows, this = totals(result.counts), result.this_run
     if as_json:
         print(json.dumps({"exit_code": result.exit_code, "elapsed_s": round(result.elapsed, 3),
-                          "stages": rows, "fatal": result.fatal, "worker_errors": result.worker_errors}, ensure_ascii=False))
+                          "this_run": this, "stages": rows, "fatal": result.fatal,
+                          "worker_errors": result.worker_errors}, ensure_ascii=False))
         return
     a, w = rows["add"], rows["welcome"]
-    out.print(f"run finished in {result.elapsed:.1f}s: added {a['done']}, welcomed {w['done']}, "
-              f"dead {a['dead'] + w['dead']}, still queued {a['ready'] + a['delayed'] + w['ready'] + w['delayed']}", highlight=False)
+    out.print(f"run finished in {result.elapsed:.1f}s: this run added {this['added']}, welcomed {this['welcomed']}, "
+              f"dead-lettered {this['dead']}; in all: added {a['done']}, welcomed {w['done']}, dead {a['dead'] + w['dead']}, "
+              f"still queued {a['ready'] + a['delayed'] + a['leased'] + w['ready'] + w['delayed'] + w['leased']}", highlight=False)
     if result.fatal:
         err.print(f"[red]stopped:[/] {result.fatal['error']} — fix it, then run again; the items are still queued.", highlight=False)
     if result.interrupted:
@@ -191,7 +202,10 @@ def status(
     """
     try:
         s, store = _open_existing(config, data_dir)
-        data = status_data(store.counts(), campaign)
+        counts = store.counts()
+        if campaign is not None and campaign not in counts:
+            raise WecomctlError(f"no campaign {campaign!r} in {s.data_dir} (campaigns: {', '.join(counts) or 'none'})")
+        data = status_data(counts, campaign)
         fatal = store.get_flag("fatal")
         store.close()
     except WecomctlError as exc:
@@ -274,13 +288,15 @@ def dlq_list(
     errcode: Optional[int] = typer.Option(None, "--errcode"),
     config: Optional[str] = ConfigOpt, data_dir: Optional[str] = DataDirOpt, as_json: bool = JsonOpt,
 ):
-    """List dead letters: who, why (errcode, message), attempts.
+    """List dead letters: who, why (errcode, its meaning, what to do), attempts.
 
     Example: wecomctl dlq list --stage add --json
     """
     from wecomctl.report.export import dead_letters
 
     try:
+        if stage not in (None, "add", "welcome"):
+            raise WecomctlError(f"--stage must be add or welcome, not {stage!r}")
         s, store = _open_existing(config, data_dir)
         rows = list(dead_letters(store.leads(campaign), stage, errcode))
         store.close()
@@ -289,13 +305,17 @@ def dlq_list(
     if as_json:
         print(json.dumps(rows, ensure_ascii=False))
         return
-    t = Table(title=f"dead letters ({len(rows)})")
-    for col in ("campaign", "stage", "phone", "owner", "errcode", "attempts", "error"):
-        t.add_column(col)
+    # One dead letter a line (readable in a pipe or a log), then what to do once per reason.
+    todo: dict[str, str] = {}
     for r in rows:
-        t.add_row(r["campaign"], r["stage"], r["phone"], r["owner"] or "", str(r["errcode"] if r["errcode"] is not None else ""),
-                  str(r["attempts"]), r["error"] or "")
-    out.print(t)
+        code = r["errcode"] if r["errcode"] is not None else r["kind"]
+        out.print(f"{r['campaign']} {r['stage']} {r['phone']} owner={r['owner'] or '-'} {code} "
+                  f"({r['meaning'] or 'unknown'}) attempts={r['attempts']}: {r['error']}", highlight=False, markup=False)
+        if r["todo"]:
+            todo[f"{code} {r['meaning']}"] = r["todo"]
+    out.print(f"{len(rows)} dead letters", highlight=False)
+    for reason, what in todo.items():
+        out.print(f"  {reason}: {what}", highlight=False, markup=False)
 
 
 # --- simulate / demo ----------------------------------------------------------------------

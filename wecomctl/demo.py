@@ -81,8 +81,8 @@ def run_demo(out: Console, err: Console, data_dir: str | None, workers: int, as_
     out.print(t)
     for reason, n in sorted(dead_by_reason.items(), key=lambda kv: -kv[1]):
         out.print(f"  dead {n:>4}  {reason}", highlight=False)
-    out.print(f"\ndata kept in {d}; try: wecomctl status -d {d} | wecomctl dlq list -d {d} | "
-              f"wecomctl export -d {d} -o results.csv", highlight=False)
+    out.print(f"\ndata kept in {d}; try:\n  wecomctl status -d {d}\n  wecomctl dlq list -d {d}\n"
+              f"  wecomctl export -d {d} -o results.csv", highlight=False)
     if code == EXIT_DEAD:
         out.print("exit 1: some leads were dead-lettered (the samples hold numbers no one can add, on purpose)")
     return code

@@ -58,6 +58,9 @@ def from_override(path: str, name: str, head: bytes) -> Encoding:
             bom = len(mark)
     if codec == "utf-16" and head[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
         codec, bom = ("utf-16-le" if head[:2] == codecs.BOM_UTF16_LE else "utf-16-be"), 2
+    if not _decodes(head[bom:], codec, final=False):
+        raise InputError(f"{path}: the file does not decode as {name} (--encoding); "
+                         "leave out --encoding to detect it, or try gb18030")
     return Encoding(codec, codec, bom, override=True)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import string
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 from wecomctl.errors import InputError
 from wecomctl.ingest.model import Blank, Lead, Reject
 from wecomctl.ingest.readers import ReadOptions, open_lead_file
+from wecomctl.pipeline.template import variables
 from wecomctl.store.base import NewLead
 
 BATCH = 1000
@@ -31,6 +33,7 @@ class FileReport:
     rejected: int = 0
     skipped: int = 0
     blank: int = 0
+    revived: int = 0
 
 
 @dataclass
@@ -40,6 +43,7 @@ class ImportReport:
     rejected: int = 0
     skipped: int = 0
     blank: int = 0
+    revived: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     files: list[FileReport] = field(default_factory=list)
     rejects_file: str | None = None
@@ -48,7 +52,7 @@ class ImportReport:
 
     def as_json(self) -> dict:
         return {"accepted": self.accepted, "rejected": self.rejected, "skipped": self.skipped,
-                "blank": self.blank, "rejects_file": self.rejects_file,
+                "blank": self.blank, "revived": self.revived, "rejects_file": self.rejects_file,
                 "duplicates_file": self.duplicates_file, "campaign": self.campaign,
                 "dry_run": self.dry_run, "reasons": self.reasons,
                 "files": [vars(f) for f in self.files]}
@@ -61,7 +65,7 @@ def _reason_class(reason: str) -> str:
 class Importer:
     def __init__(self, store, campaign: str, owner: str | None = None, staff: list[str] | None = None,
                  options: ReadOptions | None = None, rejects_dir: str | None = None,
-                 dry_run: bool = False, clock=time.time):
+                 dry_run: bool = False, template: str | None = None, clock=time.time):
         if not campaign or not campaign.strip():
             raise InputError("--campaign is required and must not be empty (for example --campaign spring-sale)")
         self.store = store
@@ -71,6 +75,7 @@ class Importer:
         self.options = options or ReadOptions()
         self.rejects_dir = rejects_dir
         self.dry_run = dry_run
+        self.template = template
         self.clock = clock
         if owner and self.staff and owner not in self.staff:
             raise InputError(f"--owner {owner} is not in `staff:` of the config ({', '.join(self.staff)})")
@@ -79,6 +84,20 @@ class Importer:
         self._position = 0
         self._seen: dict[str, tuple[str, int]] = {}  # dry run: phone -> (file, row)
         self._duplicates: list[tuple[NewLead, str, int]] = []  # (lead, matched file, matched row)
+
+    def _check_file(self, lf) -> None:
+        """Refuse a table file whose every row would be rejected for the same reason."""
+        if lf.format not in ("csv", "xlsx"):
+            return  # JSON records each have their own keys
+        if lf.columns.get("owner") is None and not self.owner and not self.staff:
+            raise InputError(f"{lf.path}: no owner column, no --owner and no `staff:` in the config; "
+                             "every lead needs the staff userid that adds it: pass --owner USERID")
+        if self.template:
+            known = set(lf.headers) | set(variables({}))
+            missing = [f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None and f not in known]
+            if missing:
+                raise InputError(f"{lf.path}: the welcome text uses {{{missing[0]}}} but the file has no such column "
+                                 f"(columns: {', '.join(lf.headers)}); add the column or change welcome.text")
 
     def _owner_for(self, lead: Lead) -> tuple[str | None, str | None]:
         """(owner, reject reason)."""
@@ -96,6 +115,8 @@ class Importer:
         # Open every file first: a file refused as a whole stops the import before
         # anything is enqueued.
         files = [open_lead_file(p, self.options) for p in paths]
+        for lf in files:
+            self._check_file(lf)
         report = ImportReport(self.campaign, dry_run=self.dry_run)
         rejects: list[Reject] = []
         for lf in files:
@@ -123,6 +144,7 @@ class Importer:
             report.rejected += fr.rejected
             report.skipped += fr.skipped
             report.blank += fr.blank
+            report.revived += fr.revived
         for r in rejects:
             key = _reason_class(r.reason)
             report.reasons[key] = report.reasons.get(key, 0) + 1
@@ -138,15 +160,21 @@ class Importer:
             return
         if self.dry_run:
             for nl in batch:
+                earlier = self.store.find_phone(self.campaign, nl.phone) if self.store else None
                 if nl.phone in self._seen:
                     fr.skipped += 1
                     self._duplicates.append((nl, *self._seen[nl.phone]))
+                elif earlier is not None:
+                    first = self.store.lead(earlier) or {}
+                    fr.skipped += 1
+                    self._duplicates.append((nl, first.get("source", ""), first.get("row", "")))
                 else:
                     self._seen[nl.phone] = (nl.source, nl.row)
                     fr.accepted += 1
             return
         res = self.store.put_leads(self.campaign, batch, self.clock())
         fr.accepted += res.accepted
+        fr.revived += res.revived
         fr.skipped += len(res.duplicates)
         for nl, first_id in res.duplicates:
             first = self.store.lead(first_id) or {}

@@ -155,7 +155,7 @@ class LeadFile:
         except MissingPhone as exc:
             phone_cells = [i for i, c in enumerate(cells) if _is_mobile(c, o.default_region)]
             if not (headerless_ok and not o.phone_column and len(phone_cells) == 1):
-                raise InputError(f"{self.path}{where}: {exc}") from None
+                raise InputError(f"{self.path}{where}: {exc}{self._override_hint()}") from None
             # No header, just data: the first row holds a valid mobile. Take that column.
             self.headerless = True
             headers = [f"_col_{i}" for i in range(1, len(cells) + 1)]
@@ -163,6 +163,15 @@ class LeadFile:
         except ColumnError as exc:
             raise InputError(f"{self.path}{where}: {exc}") from None
         self.headers = headers
+
+    def _override_hint(self) -> str:
+        o = self.options
+        if o.delimiter or o.encoding:
+            return (f" The file was read with {'delimiter ' + repr(self.delimiter) if o.delimiter else ''}"
+                    f"{' and ' if o.delimiter and o.encoding else ''}"
+                    f"{'encoding ' + str(self.encoding) if o.encoding else ''} as asked: "
+                    "check --delimiter/--encoding, or leave them out to detect them.")
+        return ""
 
     # --- reading -------------------------------------------------------------------------
     def _table_rows(self) -> Iterator[list[str]]:

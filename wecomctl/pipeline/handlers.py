@@ -52,12 +52,14 @@ def process(ctx: Context, item: Leased) -> str:
     lead = item.lead
     try:
         if item.stage == "add":
+            # A customer we could not greet must not be added: check the welcome first.
+            render(ctx.settings.welcome_for(lead["campaign"]).text, lead)
             updates = ctx.add.add(lead, ctx.clock())
             ctx.store.complete(item, ctx.clock(), updates=updates, enqueue_next=True)
             return "done"
         return _welcome(ctx, item)
     except InvalidMessage as exc:
-        ctx.store.bury(item, Failure(None, str(exc), "invalid"), ctx.clock())
+        ctx.store.bury(item, Failure(None, str(exc), "invalid"), ctx.clock(), called=False)
         return "dead"
     except ApiError as exc:
         return _failed(ctx, item, exc)
@@ -68,7 +70,7 @@ def _welcome(ctx: Context, item: Leased) -> str:
     now = ctx.clock()
     if ctx.store.welcome_ledger(lead["campaign"], lead["external_userid"]):
         # Already greeted in this campaign (a replay, or a second lead for the same person).
-        ctx.store.complete(item, now, updates={"welcome_status": "already_sent"}, state="skipped")
+        ctx.store.complete(item, now, updates={"welcome_status": "already_sent"}, state="skipped", called=False)
         return "skipped"
     welcome = ctx.settings.welcome_for(lead["campaign"])
     text = render(welcome.text, lead)
@@ -80,7 +82,9 @@ def _welcome(ctx: Context, item: Leased) -> str:
 
 def _failed(ctx: Context, item: Leased, exc: ApiError) -> str:
     now = ctx.clock()
-    failure = Failure(exc.errcode, f"{exc.meaning}: {exc.errmsg}" if exc.meaning else exc.errmsg, exc.kind)
+    # The errmsg as WeCom wrote it (its hint helps WeCom support); the errcode's meaning
+    # comes from the table when it is shown.
+    failure = Failure(exc.errcode, exc.errmsg, exc.kind)
     kind = exc.kind
     log.info("%s lead %s: %s", item.stage, item.id, exc,
              extra={"stage": item.stage, "lead": item.id, "errcode": exc.errcode})

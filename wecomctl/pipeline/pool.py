@@ -33,6 +33,7 @@ class RunResult:
     fatal: dict | None = None
     interrupted: int | None = None  # the signal number, if stopped by one
     worker_errors: list[str] = field(default_factory=list)
+    this_run: dict = field(default_factory=dict)  # added, welcomed, dead by this run
 
 
 class Unreachable(WecomctlError):
@@ -71,6 +72,7 @@ def run(settings: Settings, workers: int, until_empty: bool = True,
     # cannot be reached fails before any process starts and before any item is touched.
     preflight(build_context(settings, store, threading.Event()))
     store.set_flag("fatal", None)  # a new run: the operator has fixed what stopped the last one
+    before = _outcomes(store.counts())
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=worker_main, args=(settings, until_empty, log_level), name=f"wecomctl-worker-{i}")
              for i in range(workers)]
@@ -108,12 +110,24 @@ def run(settings: Settings, workers: int, until_empty: bool = True,
     store.close()
     errors = [f"{p.name} exited with code {p.exitcode}" for p in procs
               if p.exitcode not in (0, EXIT_FATAL, None, -signal.SIGTERM, -signal.SIGKILL)]
+    after = _outcomes(counts)
+    this_run = {k: after[k] - before[k] for k in after}
     if signals:
         code = 128 + signals[0]
     elif fatal:
         code = EXIT_FATAL
-    elif any(st["dead"] for c in counts.values() for st in c["stages"].values()) or errors:
+    elif this_run["dead"] > 0 or errors:
+        # Only this run's dead letters: old ones must not fail every later cron run.
         code = EXIT_DEAD
     else:
         code = EXIT_OK
-    return RunResult(code, time.time() - start, counts, fatal, signals[0] if signals else None, errors)
+    return RunResult(code, time.time() - start, counts, fatal, signals[0] if signals else None, errors, this_run)
+
+
+def _outcomes(counts: dict) -> dict[str, int]:
+    out = {"added": 0, "welcomed": 0, "dead": 0}
+    for camp in counts.values():
+        out["added"] += camp["stages"]["add"]["done"]
+        out["welcomed"] += camp["stages"]["welcome"]["done"]
+        out["dead"] += camp["stages"]["add"]["dead"] + camp["stages"]["welcome"]["dead"]
+    return out

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, TextIO
 
+from wecomctl.errors import UsageError
+
 COLUMNS = ["id", "campaign", "phone", "name", "owner", "external_userid", "add_status",
            "welcome_status", "errcode", "error", "attempts", "source", "row"]
 
@@ -16,7 +18,9 @@ COLUMNS = ["id", "campaign", "phone", "name", "owner", "external_userid", "add_s
 def _stage_status(lead: dict, stage: str) -> str:
     st = lead.get(stage)
     if not st:
-        return "pending"
+        add = lead.get("add") or {}
+        # A welcome never starts for a lead whose add is dead.
+        return "not_sent" if stage == "welcome" and add.get("state") == "dead" else "pending"
     if st["state"] == "done":
         return lead.get(f"{stage}_status") or "done"
     if st["state"] == "skipped":
@@ -35,9 +39,9 @@ def result_row(lead: dict[str, Any]) -> dict[str, Any]:
         "id": lead["id"], "campaign": lead["campaign"], "phone": lead["phone"], "name": lead.get("name") or "",
         "owner": lead.get("owner") or "", "external_userid": lead.get("external_userid") or "",
         "add_status": add_status, "welcome_status": _stage_status(lead, "welcome"),
-        "errcode": "" if failing.get("errcode") is None else failing["errcode"],
-        "error": failing.get("error") or "",
-        "attempts": (add.get("attempts") or 0) + (welcome.get("attempts") or 0),
+        "errcode": failing.get("errcode"), "error": failing.get("error") or "",
+        # calls made for this lead, both stages, successful ones included
+        "attempts": (add.get("calls") or 0) + (welcome.get("calls") or 0),
         "source": lead.get("source") or "", "row": lead.get("row") or "",
     }
 
@@ -48,7 +52,7 @@ def write(rows: Iterable[dict[str, Any]], fmt: str, out: TextIO) -> int:
         w = csv.DictWriter(out, fieldnames=COLUMNS)
         w.writeheader()
         for r in rows:
-            w.writerow(r)
+            w.writerow(r)  # None is written as an empty cell
             n += 1
     else:
         for r in rows:
@@ -63,10 +67,34 @@ def export(rows: Iterable[dict[str, Any]], fmt: str, path: str | None) -> int:
     target = Path(path)
     tmp = target.with_name(f".{target.name}.tmp")
     enc = "utf-8-sig" if fmt == "csv" else "utf-8"  # Excel needs the BOM for Chinese
-    with open(tmp, "w", newline="", encoding=enc) as fh:
-        n = write(rows, fmt, fh)
-    os.replace(tmp, target)
+    try:
+        with open(tmp, "w", newline="", encoding=enc) as fh:
+            n = write(rows, fmt, fh)
+        os.replace(tmp, target)
+    except OSError as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc} (does the folder exist and is it writable?)") from None
     return n
+
+
+class _Kind:
+    def __init__(self, meaning: str, note: str):
+        self.meaning, self.note = meaning, note
+
+
+# Dead letters that have no errcode: what they mean and what to do.
+KINDS = {
+    "invalid": _Kind("the welcome cannot be built for this lead (no call was made)",
+                     "fix welcome.text or the lead's columns, re-import the fixed rows, then run"),
+    "poison": _Kind("a worker died every time it took this item",
+                    "look for a crash in the logs, then retry-dlq and run"),
+    "network": _Kind("WeCom or the gateway could not be reached",
+                     "check the network and base_url, then retry-dlq and run"),
+    "dead": _Kind("WeCom refused the customer", "see the error"),
+}
 
 
 def dead_letters(leads: Iterable[dict[str, Any]], stage: str | None = None,
@@ -81,7 +109,7 @@ def dead_letters(leads: Iterable[dict[str, Any]], stage: str | None = None,
                 continue
             if errcode is not None and s.get("errcode") != errcode:
                 continue
-            info = errcodes.lookup(s["errcode"]) if s.get("errcode") is not None else None
+            info = errcodes.lookup(s["errcode"]) if s.get("errcode") is not None else KINDS.get(s.get("kind"))
             yield {
                 "id": lead["id"], "campaign": lead["campaign"], "stage": st, "phone": lead["phone"],
                 "name": lead.get("name"), "owner": lead.get("owner"), "errcode": s.get("errcode"),

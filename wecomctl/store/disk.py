@@ -109,7 +109,8 @@ class DiskStore:
         """Change a lead's state in one stage, keeping queue entries and counters in step."""
         st = lead.get(stage)
         if st is None:
-            st = {"state": None, "qkey": None, "attempts": 0, "deliveries": 0, "errcode": None, "error": None, "kind": None, "at": now}
+            st = {"state": None, "qkey": None, "attempts": 0, "deliveries": 0, "calls": 0,
+                  "errcode": None, "error": None, "kind": None, "at": now}
             lead[stage] = st
         old, oldkey = st["state"], st["qkey"]
         if oldkey and oldkey != qkey and old in ("delayed", "leased"):
@@ -137,6 +138,9 @@ class DiskStore:
                 dkey = f"dd:{campaign}:{nl.phone}"
                 first = c.get(dkey)
                 if first is not None:
+                    if self._revive(c, first, nl, now):
+                        res.revived += 1
+                        continue
                     res.duplicates.append((nl, first))
                     c.incr(f"n:{campaign}:dupes", 1, default=0)
                     continue
@@ -151,6 +155,19 @@ class DiskStore:
                 c.incr(f"n:{campaign}:imported", 1, default=0)
                 res.accepted += 1
         return res
+
+    def _revive(self, c, lead_id: int, nl: NewLead, now: float) -> bool:
+        """A fixed row re-imported over its dead letter replaces the lead's data and
+        queues the stage that died again (the welcome ledger still guards greetings)."""
+        lead = c.get(f"lead:{lead_id}")
+        if lead is None:
+            return False
+        stage = next((st for st in ("add", "welcome") if (lead.get(st) or {}).get("state") == "dead"), None)
+        if stage is None:
+            return False
+        lead.update(name=nl.name, owner=nl.owner, fields=nl.fields, source=nl.source, row=nl.row)
+        self._move(c, lead, stage, "ready", now, attempts=0, deliveries=0, errcode=None, error=None, kind=None)
+        return True
 
     # -- leasing ------------------------------------------------------------------
     def lease(self, stage: str, lease_s: float, now: float) -> Leased | None:
@@ -203,14 +220,15 @@ class DiskStore:
         return lead
 
     def complete(self, item: Leased, now: float, updates: dict[str, Any] | None = None,
-                 enqueue_next: bool = False, state: str = "done") -> None:
+                 enqueue_next: bool = False, state: str = "done", called: bool = True) -> None:
         with self._tx() as c:
             lead = self._current(c, item)
             if lead is None:
                 return
             if updates:
                 lead.update(updates)
-            self._move(c, lead, item.stage, state, now, errcode=None, error=None, kind=None)
+            calls = lead[item.stage].get("calls", 0) + (1 if called else 0)
+            self._move(c, lead, item.stage, state, now, errcode=None, error=None, kind=None, calls=calls)
             if item.stage == "welcome" and state == "done" and lead.get("external_userid"):
                 c.set(f"ledger:welcome:{lead['campaign']}:{lead['external_userid']}",
                       {"lead": lead["id"], "at": now})
@@ -224,7 +242,8 @@ class DiskStore:
                 return "gone"
             st = lead[item.stage]
             attempts = st["attempts"] + (1 if count_attempt else 0)
-            info = dict(errcode=failure.errcode, error=failure.error, kind=failure.kind, attempts=attempts)
+            info = dict(errcode=failure.errcode, error=failure.error, kind=failure.kind, attempts=attempts,
+                        calls=st.get("calls", 0) + 1)
             if count_attempt and attempts >= self.max_attempts:
                 info["error"] = f"{failure.error} (gave up after {attempts} attempts)"
                 self._move(c, lead, item.stage, "dead", now, **info)
@@ -236,14 +255,15 @@ class DiskStore:
             self._move(c, lead, item.stage, "delayed", now, qkey=dkey, deliveries=max(0, st["deliveries"] - 1), **info)
             return "delayed"
 
-    def bury(self, item: Leased, failure: Failure, now: float) -> None:
+    def bury(self, item: Leased, failure: Failure, now: float, called: bool = True) -> None:
         with self._tx() as c:
             lead = self._current(c, item)
             if lead is None:
                 return
             st = lead[item.stage]
+            n = 1 if called else 0
             self._move(c, lead, item.stage, "dead", now, errcode=failure.errcode, error=failure.error,
-                       kind=failure.kind, attempts=st["attempts"] + 1)
+                       kind=failure.kind, attempts=st["attempts"] + n, calls=st.get("calls", 0) + n)
 
     def release(self, item: Leased, now: float) -> None:
         """Give an item back untouched (shutdown, fatal stop): no attempt, no delivery."""
@@ -308,6 +328,9 @@ class DiskStore:
                 "stages": stages,
             }
         return out
+
+    def find_phone(self, campaign: str, phone: str) -> int | None:
+        return self.cache.get(f"dd:{campaign}:{phone}")
 
     def lead(self, lead_id: int) -> dict[str, Any] | None:
         return self.cache.get(f"lead:{lead_id}")

@@ -15,6 +15,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
+# What to do, where the table's note is empty.
+HINTS = {
+    60111: "the owner's userid does not exist in WeCom (typo, or the member left): fix the owner column and re-import the fixed rows; they replace their dead letters",
+    40003: "the owner's userid is invalid (left, deleted, or outside the app's visible range): fix the owner column and re-import the fixed rows",
+    41054: "the owner has not activated WeCom: pick another owner and re-import the fixed rows",
+}
+
 CLASSES = ("ok", "retry", "throttle", "token", "fatal", "dead", "done", "window")
 
 
@@ -36,7 +43,8 @@ def table() -> dict[int, ErrcodeInfo]:
             if kind not in CLASSES:
                 raise ValueError(f"{name}: unknown class {kind!r} for errcode {row['errcode']}")
             code = int(row["errcode"])
-            out[code] = ErrcodeInfo(code, kind, row["meaning"].strip(), (row.get("note") or "").strip())
+            note = (row.get("note") or "").strip() or HINTS.get(code, "")
+            out[code] = ErrcodeInfo(code, kind, row["meaning"].strip(), note)
     return out
 
 

@@ -47,7 +47,8 @@ class MsgTemplateWelcome:
         if euid in (data.get("fail_list") or []):
             raise ApiError(self.api, None, f"WeCom put {euid} in fail_list: not a customer of {lead['owner']}",
                            "dead", "customer cannot be targeted")
-        return "sent"
+        # 企业群发 creates a task the staff member confirms in the WeCom client.
+        return "task_created"
 
 
 class GatewayWelcome:
