@@ -8,28 +8,49 @@ from wecomctl.errors import ApiError
 from wecomctl.pipeline.handlers import Context, FatalStop, process
 from wecomctl.pipeline.retry import Backoff
 from wecomctl.pipeline.template import InvalidMessage, render
-from wecomctl.wecom.client import api_error
+from wecomctl.wecom.client import LeaseLost, api_error
 
 
 class FakeAdd:
+    idempotent = True
+
     def __init__(self, errors=()):
         self.errors = list(errors)
         self.calls = 0
 
-    def add(self, lead, now):
+    def _call(self, on_send):
+        # as the real client does: the intent is recorded just before the request leaves
+        if on_send is not None and not on_send():
+            raise LeaseLost("fake")
         self.calls += 1
         if self.errors:
             raise self.errors.pop(0)
+
+    def add(self, lead, now, on_send=None):
+        self._call(on_send)
         return {"external_userid": "wm" + lead["phone"][-4:], "add_status": "added"}
 
 
 class FakeWelcome(FakeAdd):
-    def send(self, lead, text, now):
-        self.calls += 1
+    idempotent = False
+
+    def send(self, lead, text, now, on_send=None):
         self.texts = getattr(self, "texts", []) + [text]
-        if self.errors:
-            raise self.errors.pop(0)
+        self._call(on_send)
         return "sent"
+
+
+class LookupWelcome(FakeWelcome):
+    """A non-idempotent provider that can tell whether an interrupted call happened."""
+
+    def __init__(self, happened):
+        super().__init__()
+        self.happened = happened
+        self.lookups = 0
+
+    def resolve(self, lead, text, since, now):
+        self.lookups += 1
+        return self.happened
 
 
 class FakeLimiter:
@@ -133,7 +154,7 @@ def test_ledger_prevents_a_second_welcome_after_replay(store, clock):
     process(ctx, store.lease("welcome", 30, clock()))
     # A second lead for the same customer (e.g. re-imported under another number).
     store.put_leads("c", [lead(phone="+8613900130000")], clock())
-    ctx.add = type("A", (), {"add": lambda self, l, now: {"external_userid": "wm8000"}})()
+    ctx.add = type("A", (), {"idempotent": True, "add": lambda self, l, now, on_send=None: {"external_userid": "wm8000"}})()
     process(ctx, store.lease("add", 30, clock()))
     assert process(ctx, store.lease("welcome", 30, clock())) == "skipped"
     assert welcome.calls == 1
@@ -155,3 +176,104 @@ def test_backoff_grows_and_is_capped():
         for _ in range(20):
             d = b.delay(attempt)
             assert 0 <= d <= min(10, 2 ** attempt)
+
+
+def _die_during_call(store, clock, stage):
+    """Lease, record the intent as a worker would, then 'die': the lease expires."""
+    item = store.lease(stage, 10, clock())
+    assert store.mark_intent(item, clock())
+    clock.t += 11
+    store.maintain(clock())
+
+
+def test_welcome_redelivered_after_a_death_mid_call_is_ambiguous_not_resent(store, clock):
+    store.put_leads("c", [lead()], clock())
+    welcome = FakeWelcome()
+    ctx = ctx_for(store, clock, welcome=welcome)
+    process(ctx, store.lease("add", 30, clock()))
+    _die_during_call(store, clock, "welcome")
+    assert process(ctx, store.lease("welcome", 30, clock())) == "ambiguous"
+    assert welcome.calls == 0
+    st = state(store, "welcome")
+    assert st["state"] == "dead" and st["kind"] == "ambiguous" and "retry-dlq" in st["error"]
+    # the operator checked and wants it sent: a replay settles the intent
+    assert store.requeue_dead("welcome", None, clock(), kind="ambiguous") == 1
+    assert process(ctx, store.lease("welcome", 30, clock())) == "done" and welcome.calls == 1
+
+
+def test_add_redelivered_after_a_death_is_repeated_because_the_gateway_dedupes(store, clock):
+    store.put_leads("c", [lead()], clock())
+    add = FakeAdd()
+    ctx = ctx_for(store, clock, add=add)
+    _die_during_call(store, clock, "add")
+    assert process(ctx, store.lease("add", 30, clock())) == "done" and add.calls == 1
+
+
+def test_a_lost_answer_on_a_welcome_is_ambiguous_a_refused_connection_is_retried(store, clock):
+    from wecomctl.errors import NetworkError
+
+    store.put_leads("c", [lead(), lead(phone="+8613900139000")], clock())
+    welcome = FakeWelcome([NetworkError("send_text", "ReadTimeout", maybe_sent=True),
+                           NetworkError("send_text", "ConnectError", maybe_sent=False)])
+    ctx = ctx_for(store, clock, welcome=welcome)
+    for _ in range(2):
+        process(ctx, store.lease("add", 30, clock()))
+    assert process(ctx, store.lease("welcome", 30, clock())) == "ambiguous"
+    assert process(ctx, store.lease("welcome", 30, clock())) == "retry"
+
+
+def test_no_call_when_the_lease_was_lost_before_it(store, clock):
+    store.put_leads("c", [lead()], clock())
+    add = FakeAdd()
+    ctx = ctx_for(store, clock, add=add)
+    item = store.lease("add", 10, clock())
+    clock.t += 11
+    store.maintain(clock())
+    store.lease("add", 10, clock())  # another worker has it now
+    assert process(ctx, item) == "lost" and add.calls == 0
+
+
+@pytest.mark.parametrize("happened, outcome, calls", [(True, "done", 0), (False, "done", 1)])
+def test_an_interrupted_welcome_is_settled_by_a_lookup_when_the_provider_has_one(store, clock, happened, outcome, calls):
+    store.put_leads("c", [lead()], clock())
+    welcome = LookupWelcome(happened)
+    ctx = ctx_for(store, clock, welcome=welcome)
+    process(ctx, store.lease("add", 30, clock()))
+    _die_during_call(store, clock, "welcome")
+    assert process(ctx, store.lease("welcome", 30, clock())) == outcome
+    assert welcome.lookups == 1 and welcome.calls == calls
+    rec = next(store.leads())
+    assert rec["welcome"]["state"] == "done"
+    assert rec["welcome_status"] == ("already_sent" if happened else "sent")
+
+
+def test_intent_is_recorded_after_the_rate_wait_and_before_the_request(store, clock):
+    """A worker killed while waiting for its rate slot leaves nothing ambiguous; one killed
+    after the request left does."""
+    import httpx
+    import respx
+
+    from wecomctl.config import Secret
+    from wecomctl.wecom.client import GatewayClient, HttpApi
+    from wecomctl.wecom.providers import GatewayWelcome
+
+    store.put_leads("c", [lead()], clock())
+    ctx = ctx_for(store, clock)
+    process(ctx, store.lease("add", 30, clock()))
+    item = store.lease("welcome", 30, clock())
+    seen = {}
+
+    class Limiter:
+        def acquire(self, api, should_stop=None):
+            seen["at_acquire"] = store.lead(item.id)["welcome"].get("intent")
+            return True
+
+    def answer(request):
+        seen["at_request"] = store.lead(item.id)["welcome"].get("intent")
+        return httpx.Response(200, json={"errcode": 0, "msgid": "m"})
+
+    with respx.mock:
+        respx.post("http://gw.test/gateway/v1/send_text").mock(side_effect=answer)
+        ctx.welcome["msg_template"] = GatewayWelcome(GatewayClient("http://gw.test", Secret("k"), HttpApi(httpx.Client(), Limiter())))
+        assert process(ctx, item) == "done"
+    assert seen["at_acquire"] is None and seen["at_request"] == clock()

@@ -308,7 +308,8 @@ def test_stats_shape_and_no_secrets(sim, client):
     for secret in (SECRET, KEY, tok):
         assert secret not in raw
     s = json.loads(raw)
-    apis = {"gettoken", "add_msg_template", "send_welcome_msg", "add_by_phone", "send_text"}
+    apis = {"gettoken", "add_msg_template", "send_welcome_msg", "add_by_phone", "send_text",
+            "get_groupmsg_list_v2", "get_groupmsg_send_result"}
     assert set(s["calls"]) == set(s["errors"]) == set(s["max_in_flight"]) == apis
     for k in ("adds", "welcomes", "duplicate_welcomes", "started_at", "config", "call_log_enabled"):
         assert k in s

@@ -148,3 +148,23 @@ def test_state_survives_reopen_and_format_is_checked(tmp_path, clock):
 def test_missing_store_is_a_clear_error(tmp_path):
     with pytest.raises(StoreError, match="wecomctl import"):
         DiskStore(str(tmp_path / "nothing"), create=False)
+
+
+def test_check_passes_on_a_healthy_store_and_finds_damage(store, clock):
+    store.put_leads("c", [lead(), lead(phone="+8613900139000"), lead(phone="+8613700137000")], clock())
+    a = store.lease("add", 10, clock())
+    store.complete(a, clock(), updates={"external_userid": "wm1"}, enqueue_next=True)
+    w = store.lease("welcome", 10, clock())
+    store.complete(w, clock())
+    b = store.lease("add", 10, clock())
+    store.retry(b, clock() + 5, Failure(-1, "busy", "retry"), clock())
+    store.lease("add", 10, clock())  # one left leased
+    assert store.check() == []
+    # damage: a counter off by one, an orphan lease, a ledger entry lost
+    store.cache.incr("n:c:add:done", 1)
+    store.cache.set("q.add.lease-000000000000001.99.1-1", 99)
+    store.cache.delete("ledger:welcome:c:wm1")
+    problems = "\n".join(store.check())
+    assert "counter done=2 but 1 leads are done" in problems
+    assert "orphan queue entry q.add.lease-000000000000001.99.1-1" in problems
+    assert "not in the welcome ledger" in problems

@@ -257,7 +257,8 @@ def retry_dlq(
     stage: Optional[str] = typer.Option(None, "--stage", help="add or welcome (default both)."),
     campaign: Optional[str] = typer.Option(None, "--campaign", help="Only this campaign."),
     errcode: Optional[int] = typer.Option(None, "--errcode", help="Only dead letters with this errcode."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Move at most this many."),
+    kind: Optional[str] = typer.Option(None, "--kind", help="Only this kind: ambiguous, network, poison, invalid, dead, retry, ..."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Move at most this many."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Count what would move; move nothing."),
     config: Optional[str] = ConfigOpt, data_dir: Optional[str] = DataDirOpt, as_json: bool = JsonOpt,
 ):
@@ -271,7 +272,7 @@ def retry_dlq(
         if stage not in (None, "add", "welcome"):
             raise WecomctlError(f"--stage must be add or welcome, not {stage!r}")
         s, store = _open_existing(config, data_dir)
-        n = store.requeue_dead(stage, campaign, time.time(), errcode=errcode, limit=limit, dry_run=dry_run)
+        n = store.requeue_dead(stage, campaign, time.time(), errcode=errcode, limit=limit, dry_run=dry_run, kind=kind)
         store.close()
     except WecomctlError as exc:
         _fail(exc)
@@ -279,6 +280,33 @@ def retry_dlq(
         print(json.dumps({"moved": 0 if dry_run else n, "would_move": n if dry_run else None}))
     else:
         out.print(f"{'would move' if dry_run else 'moved'} {n} dead letters back to ready")
+
+
+@app.command()
+def check(config: Optional[str] = ConfigOpt, data_dir: Optional[str] = DataDirOpt, as_json: bool = JsonOpt):
+    """Verify the store: counters agree with the leads, no orphan lease, every lead in exactly
+    one state per stage, the welcome ledger agrees with the results. Exit 1 if anything is wrong.
+
+    Example: wecomctl check -d .wecomctl
+    """
+    try:
+        s, store = _open_existing(config, data_dir)
+        problems = store.check()
+        counts = status_data(store.counts(), None)
+        store.close()
+    except WecomctlError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps({"ok": not problems, "problems": problems, "stages": counts["stages"],
+                          "imported": counts["imported"]}, ensure_ascii=False))
+    else:
+        for p in problems:
+            out.print(f"problem: {p}", highlight=False, markup=False)
+        a = counts["stages"]["add"]
+        out.print(f"{'FAILED' if problems else 'ok'}: {counts['imported']} imported; add done {a['done']}, "
+                  f"dead {a['dead']}, queued {a['ready'] + a['delayed'] + a['leased']}; {len(problems)} problems",
+                  highlight=False)
+    raise typer.Exit(EXIT_DEAD if problems else EXIT_OK)
 
 
 @dlq_app.command("list")

@@ -19,7 +19,8 @@ DEFAULT_CONFIG_FILE = "wecomctl.yaml"
 DEFAULT_DATA_DIR = ".wecomctl"
 
 # The APIs wecomctl calls, by the names used in `limits:` and in errors.
-APIS = ("gettoken", "add_by_phone", "add_msg_template", "send_welcome_msg", "send_text")
+APIS = ("gettoken", "add_by_phone", "add_msg_template", "send_welcome_msg", "send_text",
+        "get_groupmsg_list_v2", "get_groupmsg_send_result")
 
 
 class Secret:
@@ -102,6 +103,9 @@ def _default_limits() -> dict[str, Limit]:
         "add_msg_template": Limit(per_minute=10000, per_hour=150000),
         "send_welcome_msg": Limit(per_minute=10000, per_hour=150000),
         "send_text": Limit(per_minute=600),
+        # Lookups, only made to settle whether an interrupted 企业群发 happened.
+        "get_groupmsg_list_v2": Limit(per_minute=1000),
+        "get_groupmsg_send_result": Limit(per_minute=1000),
     }
 
 

@@ -57,5 +57,8 @@ class ApiError(WecomctlError):
 class NetworkError(ApiError):
     """No answer: connection refused, timeout, broken response. Transient."""
 
-    def __init__(self, api: str, message: str):
+    def __init__(self, api: str, message: str, maybe_sent: bool = False):
         super().__init__(api, None, message, "network", "network error")
+        # True when the request may have reached the server (read timeout, connection
+        # dropped mid-answer): a non-idempotent call may have taken effect.
+        self.maybe_sent = maybe_sent

@@ -20,6 +20,7 @@ from wecomctl.errors import ApiError
 from wecomctl.pipeline.retry import Backoff
 from wecomctl.pipeline.template import InvalidMessage, render
 from wecomctl.store.base import Failure, Leased
+from wecomctl.wecom.client import LeaseLost
 
 log = logging.getLogger("wecomctl.pipeline")
 
@@ -47,37 +48,75 @@ class Context:
     stats: dict[str, int] = field(default_factory=dict)
 
 
+AMBIGUOUS = ("ambiguous: the call may have happened (a worker stopped during it, or its answer was lost) "
+             "and WeCom cannot be asked; check whether the customer got it, then "
+             "`wecomctl retry-dlq --kind ambiguous` to send anyway")
+
+
 def process(ctx: Context, item: Leased) -> str:
     """Work one item to one recorded outcome; returns that outcome's name."""
     lead = item.lead
+    now = ctx.clock()
+    try:
+        # A customer we could not greet must not be added: check the welcome text first.
+        welcome = ctx.settings.welcome_for(lead["campaign"])
+        text = render(welcome.text, lead)
+    except InvalidMessage as exc:
+        ctx.store.bury(item, Failure(None, str(exc), "invalid"), now, called=False)
+        return "dead"
+    if item.stage == "add":
+        provider = ctx.add
+    else:
+        if ctx.store.welcome_ledger(lead["campaign"], lead["external_userid"]):
+            # Already greeted in this campaign (a replay, or a second lead for the same person).
+            ctx.store.complete(item, now, updates={"welcome_status": "already_sent"}, state="skipped", called=False)
+            return "skipped"
+        provider = ctx.welcome[welcome.provider]
+    if item.intent and not provider.idempotent:
+        # An earlier delivery was about to make this call and never recorded an outcome.
+        settled = _settle(ctx, item, provider, text, item.intent)
+        if settled:
+            return settled
+
+    def on_send() -> bool:
+        # Intent before side effect, recorded at the last moment before the request leaves.
+        return ctx.store.mark_intent(item, ctx.clock())
+
     try:
         if item.stage == "add":
-            # A customer we could not greet must not be added: check the welcome first.
-            render(ctx.settings.welcome_for(lead["campaign"]).text, lead)
-            updates = ctx.add.add(lead, ctx.clock())
+            updates = provider.add(lead, ctx.clock(), on_send=on_send)
             ctx.store.complete(item, ctx.clock(), updates=updates, enqueue_next=True)
-            return "done"
-        return _welcome(ctx, item)
-    except InvalidMessage as exc:
-        ctx.store.bury(item, Failure(None, str(exc), "invalid"), ctx.clock(), called=False)
-        return "dead"
+        else:
+            status = provider.send(lead, text, ctx.clock(), on_send=on_send)
+            ctx.store.complete(item, ctx.clock(), updates={"welcome_status": status})
+        return "done"
+    except LeaseLost:
+        return "lost"  # the lease expired before the call; whoever has the item now does it
     except ApiError as exc:
+        if exc.kind == "network" and getattr(exc, "maybe_sent", False) and not provider.idempotent:
+            # The answer was lost: ask whether it happened before trying again.
+            settled = _settle(ctx, item, provider, text, item.intent or now, exc.errmsg)
+            if settled:
+                return settled
         return _failed(ctx, item, exc)
 
 
-def _welcome(ctx: Context, item: Leased) -> str:
-    lead = item.lead
-    now = ctx.clock()
-    if ctx.store.welcome_ledger(lead["campaign"], lead["external_userid"]):
-        # Already greeted in this campaign (a replay, or a second lead for the same person).
-        ctx.store.complete(item, now, updates={"welcome_status": "already_sent"}, state="skipped", called=False)
-        return "skipped"
-    welcome = ctx.settings.welcome_for(lead["campaign"])
-    text = render(welcome.text, lead)
-    provider = ctx.welcome[welcome.provider]
-    status = provider.send(lead, text, now)
-    ctx.store.complete(item, ctx.clock(), updates={"welcome_status": status})
-    return "done"
+def _settle(ctx: Context, item: Leased, provider, text: str, since: float, why: str = "") -> str | None:
+    """Ask the provider whether an interrupted call happened. Returns the outcome recorded,
+    or None when it did not happen and the call should be made (again)."""
+    resolve = getattr(provider, "resolve", None)
+    try:
+        happened = resolve(item.lead, text, since, ctx.clock()) if resolve else None
+    except ApiError as exc:
+        happened, why = None, f"{why} lookup failed: {exc}".strip()
+    if happened is None:
+        ctx.store.bury(item, Failure(None, f"{AMBIGUOUS}{f' [{why}]' if why else ''}", "ambiguous"), ctx.clock(),
+                       called=False)
+        return "ambiguous"
+    if happened:
+        ctx.store.complete(item, ctx.clock(), updates={f"{item.stage}_status": "already_sent"}, called=False)
+        return "done"
+    return None
 
 
 def _failed(ctx: Context, item: Leased, exc: ApiError) -> str:

@@ -23,6 +23,7 @@ from wecomctl.errors import EXIT_DEAD, EXIT_FATAL, EXIT_OK, ApiError, NetworkErr
 from wecomctl.pipeline.worker import build_context, open_store, worker_main
 
 POLL_S = 0.25
+MAX_RESTARTS = 10  # per worker slot and run: a worker that keeps dying is a bug to look at
 
 
 @dataclass
@@ -74,9 +75,15 @@ def run(settings: Settings, workers: int, until_empty: bool = True,
     store.set_flag("fatal", None)  # a new run: the operator has fixed what stopped the last one
     before = _outcomes(store.counts())
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=worker_main, args=(settings, until_empty, log_level), name=f"wecomctl-worker-{i}")
-             for i in range(workers)]
+
+    def spawn(i: int):
+        p = ctx.Process(target=worker_main, args=(settings, until_empty, log_level), name=f"wecomctl-worker-{i}")
+        p.start()
+        return p
+
+    procs: list = []
     signals: list[int] = []
+    restarts: list[str] = []
 
     def on_signal(signum, _frame):
         signals.append(signum)
@@ -91,8 +98,7 @@ def run(settings: Settings, workers: int, until_empty: bool = True,
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     start = time.time()
     try:
-        for p in procs:
-            p.start()
+        procs.extend(spawn(i) for i in range(workers))
         while any(p.is_alive() for p in procs):
             if on_tick:
                 on_tick(store.counts(), time.time() - start)
@@ -100,6 +106,13 @@ def run(settings: Settings, workers: int, until_empty: bool = True,
                 p.join(timeout=POLL_S / max(1, len(procs)))
             if len(signals) > 1:
                 break
+            if not signals and not store.get_flag("fatal"):
+                # A worker killed from outside (OOM killer, kill -9) is replaced; its
+                # leases expire and its items are delivered again.
+                for i, p in enumerate(procs):
+                    if p.exitcode is not None and p.exitcode < 0 and len(restarts) < MAX_RESTARTS * workers:
+                        restarts.append(f"{p.name} was killed by signal {-p.exitcode}; restarted")
+                        procs[i] = spawn(i)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -110,6 +123,7 @@ def run(settings: Settings, workers: int, until_empty: bool = True,
     store.close()
     errors = [f"{p.name} exited with code {p.exitcode}" for p in procs
               if p.exitcode not in (0, EXIT_FATAL, None, -signal.SIGTERM, -signal.SIGKILL)]
+
     after = _outcomes(counts)
     this_run = {k: after[k] - before[k] for k in after}
     if signals:
@@ -121,7 +135,8 @@ def run(settings: Settings, workers: int, until_empty: bool = True,
         code = EXIT_DEAD
     else:
         code = EXIT_OK
-    return RunResult(code, time.time() - start, counts, fatal, signals[0] if signals else None, errors, this_run)
+    return RunResult(code, time.time() - start, counts, fatal, signals[0] if signals else None,
+                     restarts + errors, this_run)
 
 
 def _outcomes(counts: dict) -> dict[str, int]:

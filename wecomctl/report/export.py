@@ -94,6 +94,8 @@ KINDS = {
     "network": _Kind("WeCom or the gateway could not be reached",
                      "check the network and base_url, then retry-dlq and run"),
     "dead": _Kind("WeCom refused the customer", "see the error"),
+    "ambiguous": _Kind("the call may or may not have happened",
+                       "check in WeCom whether the customer got it; `wecomctl retry-dlq --kind ambiguous` sends again"),
 }
 
 

@@ -67,6 +67,10 @@ def build_app(cfg: SimConfig, state: SimState | None = None) -> web.Application:
          lambda r, raw: st.add_msg_template(q(r, "access_token"), raw)),
         ("POST", "/cgi-bin/externalcontact/send_welcome_msg", "send_welcome_msg",
          lambda r, raw: st.send_welcome_msg(q(r, "access_token"), raw)),
+        ("POST", "/cgi-bin/externalcontact/get_groupmsg_list_v2", "get_groupmsg_list_v2",
+         lambda r, raw: st.get_groupmsg_list_v2(q(r, "access_token"), raw)),
+        ("POST", "/cgi-bin/externalcontact/get_groupmsg_send_result", "get_groupmsg_send_result",
+         lambda r, raw: st.get_groupmsg_send_result(q(r, "access_token"), raw)),
         ("POST", "/gateway/v1/add_by_phone", "add_by_phone", lambda r, raw: st.add_by_phone(auth(r), raw)),
         ("POST", "/gateway/v1/send_text", "send_text", lambda r, raw: st.send_text(auth(r), raw)),
     ]

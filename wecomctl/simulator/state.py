@@ -27,7 +27,8 @@ from typing import Any, Callable
 
 from wecomctl.simulator.config import SimConfig
 
-APIS = ("gettoken", "add_msg_template", "send_welcome_msg", "add_by_phone", "send_text")
+APIS = ("gettoken", "add_msg_template", "send_welcome_msg", "add_by_phone", "send_text",
+        "get_groupmsg_list_v2", "get_groupmsg_send_result")
 
 ERRMSG = {
     0: "ok",
@@ -133,6 +134,9 @@ class SimState:
         # code -> [userid, external_userid, issued_at, used]; insertion order = issue order
         self._codes: dict[str, list[Any]] = {}
         self._msg_seq = 0
+        # 企业群发 tasks for the lookup APIs: msgid -> (creator, create_time, [external_userid], text)
+        self._tasks: dict[str, tuple[str, int, list[str], str]] = {}
+        self._requests: dict[str, str] = {}  # send_text request_id -> msgid (gateway dedupe)
 
     def stats(self) -> dict[str, Any]:
         a = self.apis
@@ -270,7 +274,40 @@ class SimState:
                 self._greet(e)
             else:
                 fail_list.append(e)
-        return {"errcode": 0, "errmsg": "ok", "fail_list": fail_list, "msgid": self._msgid()}
+        msgid = self._msgid()
+        text = (body.get("text") or {}).get("content") or ""
+        self._tasks[msgid] = (sender, int(self.wall()), [e for e in seen if e not in fail_list], text)
+        return {"errcode": 0, "errmsg": "ok", "fail_list": fail_list, "msgid": msgid}
+
+    def get_groupmsg_list_v2(self, token: str | None, raw: bytes) -> dict[str, Any]:
+        """企业群发 records by creator and time range (one page; next_cursor always "")."""
+        try:
+            self._need(self.check_token(token))
+            body = _parse(raw)
+            start, end = body.get("start_time"), body.get("end_time")
+            if not isinstance(start, int) or not isinstance(end, int) or end < start:
+                raise _Bad(40035, "invalid parameter: start_time and end_time (epoch seconds) are required")
+            creator = body.get("creator")
+        except _Bad as bad:
+            return bad.reply
+        found = [{"msgid": m, "creator": c, "create_time": t, "create_type": 0, "text": {"content": text}}
+                 for m, (c, t, _, text) in self._tasks.items()
+                 if start <= t <= end and (creator is None or creator == c)]
+        return {"errcode": 0, "errmsg": "ok", "next_cursor": "", "group_msg_list": found}
+
+    def get_groupmsg_send_result(self, token: str | None, raw: bytes) -> dict[str, Any]:
+        """Who a 企业群发 task reaches (status 1: sent; the simulator's members confirm at once)."""
+        try:
+            self._need(self.check_token(token))
+            body = _parse(raw)
+            task = self._tasks.get(body.get("msgid"))
+            if task is None:
+                raise _Bad(40035, "invalid parameter: unknown msgid")
+        except _Bad as bad:
+            return bad.reply
+        creator, t, ids, _ = task
+        return {"errcode": 0, "errmsg": "ok", "next_cursor": "",
+                "send_list": [{"external_userid": e, "userid": creator, "status": 1, "send_time": t} for e in ids]}
 
     def send_welcome_msg(self, token: str | None, raw: bytes) -> dict[str, Any]:
         try:
@@ -332,10 +369,19 @@ class SimState:
             if text is not None and not isinstance(text, str):
                 raise _Bad(40035, "invalid parameter: text must be a string")
             _check_text(text or "")
+            request_id = body.get("request_id")
+            if request_id is not None and not isinstance(request_id, str):
+                raise _Bad(40035, "invalid parameter: request_id must be a string")
         except _Bad as bad:
             return bad.reply
+        if request_id and request_id in self._requests:
+            # The gateway dedupes on the caller's request_id: a repeat sends nothing.
+            return {"errcode": 0, "errmsg": "ok", "msgid": self._requests[request_id], "duplicate": True}
         self._greet(e)
-        return {"errcode": 0, "errmsg": "ok", "msgid": self._msgid()}
+        msgid = self._msgid()
+        if request_id:
+            self._requests[request_id] = msgid
+        return {"errcode": 0, "errmsg": "ok", "msgid": msgid}
 
     # ---- helpers ---------------------------------------------------------------------------
     @staticmethod

@@ -122,6 +122,10 @@ class DiskStore:
         st["state"] = state
         st["qkey"] = qkey
         st["at"] = now
+        if state != "leased":
+            # An outcome (or an operator's replay) settles whatever call was intended.
+            # Only a lease that expires keeps it: see maintain().
+            st["intent"] = None
         st.update(extra)
         if state == "ready" and qkey is None:
             st["qkey"] = c.push(lead["id"], prefix=f"q.{stage}.ready")
@@ -203,6 +207,19 @@ class DiskStore:
             c.set(lkey, item.id)
             self._move(c, lead, item.stage, "leased", now, qkey=lkey)
             item.key, item.expires, item.lead = lkey, expires, lead
+            return True
+
+    def mark_intent(self, item: Leased, now: float) -> bool:
+        """Record, before a call with a side effect, that it is about to be made.
+
+        False if the lease was lost meanwhile (then the call must not be made)."""
+        with self._tx() as c:
+            lead = c.get(f"lead:{item.id}")
+            if lead is None or lead[item.stage]["qkey"] != item.key:
+                return False
+            lead[item.stage]["intent"] = now
+            c.set(f"lead:{item.id}", lead)
+            item.lead = lead
             return True
 
     def _current(self, c, item: Leased) -> dict | None:
@@ -294,7 +311,9 @@ class DiskStore:
                         lead = c.get(f"lead:{lid}")
                         if lead is None or lead[stage]["qkey"] != key:
                             continue
-                        self._move(c, lead, stage, "ready", now)
+                        # An expired lease keeps the intent of a call that may have
+                        # happened: the next holder must not repeat it blindly.
+                        self._move(c, lead, stage, "ready", now, intent=lead[stage].get("intent"))
                         moved += 1
         return moved
 
@@ -343,13 +362,16 @@ class DiskStore:
                 yield lead
 
     def requeue_dead(self, stage: str | None, campaign: str | None, now: float,
-                     errcode: int | None = None, limit: int | None = None, dry_run: bool = False) -> int:
+                     errcode: int | None = None, limit: int | None = None, dry_run: bool = False,
+                     kind: str | None = None) -> int:
         moved = 0
         stages = [stage] if stage else list(STAGES)
         for lead in self.leads(campaign):
             for st in stages:
                 s = lead.get(st)
                 if not s or s["state"] != "dead" or (errcode is not None and s["errcode"] != errcode):
+                    continue
+                if kind is not None and s.get("kind") != kind:
                     continue
                 if limit is not None and moved >= limit:
                     return moved
@@ -364,6 +386,60 @@ class DiskStore:
                     # A replay starts the item afresh; the welcome ledger still guards it.
                     self._move(c, fresh, st, "ready", now, attempts=0, deliveries=0)
         return moved
+
+    def check(self) -> list[str]:
+        """Verify the store's invariants; returns what is wrong (empty when all holds).
+
+        Reads a consistent snapshot: the whole check runs in one transaction, so it
+        also works while a run is going on (writers wait for it).
+        """
+        problems: list[str] = []
+        with self._tx() as c:
+            counted = {camp: {st: {s: 0 for s in STATES} for st in STAGES} for camp in c.get("campaigns", [])}
+            referenced: set[str] = set()
+            last = int(c.get("seq", 0))
+            for lid in range(1, last + 1):
+                lead = c.get(f"lead:{lid}")
+                if lead is None:
+                    problems.append(f"lead {lid} is missing (ids run to {last})")
+                    continue
+                camp = lead["campaign"]
+                if c.get(f"dd:{camp}:{lead['phone']}") != lid:
+                    problems.append(f"lead {lid}: its phone's dedupe entry does not point at it")
+                for stage in STAGES:
+                    st = lead.get(stage)
+                    if st is None:
+                        continue
+                    counted.setdefault(camp, {s2: {s: 0 for s in STATES} for s2 in STAGES})[stage][st["state"]] += 1
+                    key = st.get("qkey")
+                    if st["state"] in ("ready", "delayed", "leased"):
+                        if not key or c.get(key) != lid:
+                            problems.append(f"lead {lid} {stage}: {st['state']} but its queue entry is missing")
+                        referenced.add(key)
+                    if stage == "welcome" and st["state"] == "done" and lead.get("external_userid"):
+                        if not c.get(f"ledger:welcome:{camp}:{lead['external_userid']}"):
+                            problems.append(f"lead {lid}: welcomed but not in the welcome ledger")
+                if lead.get("welcome") and (lead.get("add") or {}).get("state") != "done":
+                    problems.append(f"lead {lid}: in the welcome stage although its add is not done")
+            for key in c.iterkeys():
+                if isinstance(key, str) and key.startswith("q.") and (".lease-" in key or ".delay-" in key):
+                    if key not in referenced:
+                        problems.append(f"orphan queue entry {key} (no lead points at it)")
+            for camp, stages in counted.items():
+                for stage, states in stages.items():
+                    for state, n in states.items():
+                        stored = int(c.get(f"n:{camp}:{stage}:{state}", 0))
+                        if stored != n:
+                            problems.append(f"{camp} {stage}: counter {state}={stored} but {n} leads are {state}")
+                imported = int(c.get(f"n:{camp}:imported", 0))
+                entered = sum(stages["add"].values())
+                if imported != entered:
+                    problems.append(f"{camp}: imported={imported} but {entered} leads are in the add stage")
+                added = stages["add"]["done"]
+                welcome_entered = sum(stages["welcome"].values())
+                if welcome_entered != added:
+                    problems.append(f"{camp}: {added} added but {welcome_entered} in the welcome stage")
+        return problems
 
     def welcome_ledger(self, campaign: str, external_userid: str) -> dict[str, Any] | None:
         return self.cache.get(f"ledger:welcome:{campaign}:{external_userid}")

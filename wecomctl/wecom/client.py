@@ -18,6 +18,10 @@ from wecomctl.errors import ApiError, ConfigError, NetworkError
 from wecomctl.wecom import errcodes
 
 
+class LeaseLost(Exception):
+    """The item's lease expired before the call: someone else has it, do not call."""
+
+
 def redact(text: str, secrets: list[str]) -> str:
     for s in secrets:
         if s:
@@ -40,9 +44,13 @@ class HttpApi:
         self.secrets: list[str] = []
 
     def send(self, api: str, method: str, url: str, *, params: dict | None = None,
-             body: Any = None, headers: dict | None = None) -> dict:
+             body: Any = None, headers: dict | None = None, on_send: Callable[[], bool] | None = None) -> dict:
         if not self.limiter.acquire(api, self.should_stop):
             raise NetworkError(api, "stopped while waiting for the rate limit")
+        # The last moment before the request leaves: the caller records its intent here,
+        # so time spent waiting for a rate slot never makes a call look interrupted.
+        if on_send is not None and not on_send():
+            raise LeaseLost(api)
         content = None
         hdrs = dict(headers or {})
         if body is not None:
@@ -52,15 +60,18 @@ class HttpApi:
             resp = self.http.request(method, url, params=params, content=content, headers=hdrs)
         except httpx.HTTPError as exc:
             msg = redact(f"{type(exc).__name__}: {exc}", self.secrets)
-            raise NetworkError(api, f"{msg} (is {httpx.URL(url).host} reachable?)") from None
+            # Only a failure to connect proves the request never left.
+            unsent = isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
+            raise NetworkError(api, f"{msg} (is {httpx.URL(url).host} reachable?)", maybe_sent=not unsent) from None
         if resp.status_code != 200:
-            raise NetworkError(api, f"HTTP {resp.status_code} from {httpx.URL(url).host}")
+            raise NetworkError(api, f"HTTP {resp.status_code} from {httpx.URL(url).host}",
+                               maybe_sent=resp.status_code not in (429, 503))
         try:
             data = resp.json()
         except ValueError:
-            raise NetworkError(api, "the answer was not JSON") from None
+            raise NetworkError(api, "the answer was not JSON", maybe_sent=True) from None
         if not isinstance(data, dict):
-            raise NetworkError(api, "the answer was not a JSON object")
+            raise NetworkError(api, "the answer was not a JSON object", maybe_sent=True)
         return data
 
 
@@ -100,13 +111,14 @@ class WecomClient:
         self.http.secrets.append(token)
         return token, float(data.get("expires_in", 7200))
 
-    def post(self, api: str, path: str, body: dict) -> dict:
+    def post(self, api: str, path: str, body: dict, on_send: Callable[[], bool] | None = None) -> dict:
         # 40014/42001: drop the token, fetch once, repeat once; never loop.
         for attempt in (1, 2):
             token = self.tokens.get()
             if token not in self.http.secrets:
                 self.http.secrets.append(token)
-            data = self.http.send(api, "POST", f"{self.base}{path}", params={"access_token": token}, body=body)
+            data = self.http.send(api, "POST", f"{self.base}{path}", params={"access_token": token}, body=body,
+                                  on_send=on_send)
             try:
                 return check(api, data)
             except ApiError as exc:
@@ -130,13 +142,17 @@ class GatewayClient:
         self.http = http
         http.secrets.append(key.get())
 
-    def _post(self, api: str, path: str, body: dict) -> dict:
-        return check(api, self.http.send(api, "POST", f"{self.base}{path}", body=body,
+    def _post(self, api: str, path: str, body: dict, on_send: Callable[[], bool] | None = None) -> dict:
+        return check(api, self.http.send(api, "POST", f"{self.base}{path}", body=body, on_send=on_send,
                                          headers={"Authorization": f"Bearer {self.key.get()}"}))
 
-    def add_by_phone(self, mobile: str, userid: str) -> dict:
-        return self._post("add_by_phone", "/gateway/v1/add_by_phone", {"mobile": mobile, "userid": userid})
+    def add_by_phone(self, mobile: str, userid: str, on_send: Callable[[], bool] | None = None) -> dict:
+        return self._post("add_by_phone", "/gateway/v1/add_by_phone", {"mobile": mobile, "userid": userid}, on_send)
 
-    def send_text(self, userid: str, external_userid: str, text: str) -> dict:
-        return self._post("send_text", "/gateway/v1/send_text",
-                          {"userid": userid, "external_userid": external_userid, "text": text})
+    def send_text(self, userid: str, external_userid: str, text: str, request_id: str | None = None,
+                  on_send: Callable[[], bool] | None = None) -> dict:
+        """request_id: the gateway sends nothing for a request_id it has seen before."""
+        body = {"userid": userid, "external_userid": external_userid, "text": text}
+        if request_id:
+            body["request_id"] = request_id
+        return self._post("send_text", "/gateway/v1/send_text", body, on_send)

@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""Chaos run: SIGKILL workers and then the whole run, finish with a second run, check.
+
+    python bench/chaos.py [--leads 2000] [--workers 4] [--kills 10]
+
+Simulator with latency, 5% "system busy", expiring tokens and a rate limit; the leads are
+imported; `wecomctl run` starts; one random worker is SIGKILLed every second (the pool
+replaces it) for --kills kills; then the run's parent and all its workers are SIGKILLed;
+then `wecomctl run` runs again to the end. Afterwards it must hold that `wecomctl check`
+passes, imported = done + dead + skipped for every stage, the simulator saw no customer
+greeted twice, and ambiguous dead letters <= the number of kills. Prints a table and
+writes bench/results/chaos.json. tests/test_chaos.py runs a shortened version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from wecomctl import config as cfg
+from wecomctl.samples import PREFIXES
+from wecomctl.simulator import SimConfig, start_process
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def wecomctl(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "wecomctl", *args], capture_output=True, text=True, timeout=600, **kw)
+
+
+def children(pid: int) -> list[int]:
+    """Worker processes of a run: its direct children that are multiprocessing workers."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmd = fh.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and b"multiprocessing" in cmd and b"resource_tracker" not in cmd:
+            out.append(int(entry))
+    return out
+
+
+def write_leads(path: Path, n: int, rng: random.Random) -> int:
+    """n leads, about 2% unknown to the gateway. Returns how many are unknown."""
+    seen, unknown = set(), 0
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("手机号,姓名,负责人\n")
+        while len(seen) < n:
+            num = f"{rng.choice(PREFIXES)}{rng.randrange(10**8):08d}"
+            if num in seen:
+                continue
+            seen.add(num)
+            unknown += num.endswith("44")
+            fh.write(f"{num},客户{len(seen)},{rng.choice(['zhangsan', 'lisi', 'wangwu'])}\n")
+    return unknown
+
+
+def chaos(leads: int = 2000, workers: int = 4, kills: int = 10, rate: int = 100, seed: int = 1,
+          provider: str = "msg_template", workdir: str | None = None, log=print) -> dict:
+    rng = random.Random(seed)
+    work = Path(workdir or tempfile.mkdtemp(prefix="wecomctl-chaos-"))
+    sc = SimConfig(latency_ms=40, latency_jitter_ms=40, busy_rate=0.05, token_ttl_s=8, rate_limit=rate, seed=seed)
+    with start_process(sc) as sim:
+        conf_data = yaml.safe_load(cfg.simulator_config(sim.url, sc))
+        conf_data["run"].update(workers=workers, lease_s=3, max_deliveries=20)
+        conf_data["welcome"]["provider"] = provider
+        conf = work / "chaos.yaml"
+        conf.write_text(yaml.safe_dump(conf_data, allow_unicode=True), encoding="utf-8")
+        data = str(work / "data")
+        unknown = write_leads(work / "leads.csv", leads, rng)
+        imp = wecomctl("import", str(work / "leads.csv"), "--campaign", "chaos", "-c", str(conf), "-d", data, "--json")
+        assert imp.returncode == 0, imp.stderr
+        log(f"imported {leads} leads ({unknown} unknown to the gateway) into {data}")
+
+        t0 = time.time()
+        with open(work / "run1.out", "w") as out:
+            run = subprocess.Popen([sys.executable, "-m", "wecomctl", "run", "-c", str(conf), "-d", data],
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            done_kills = 0
+            while done_kills < kills and run.poll() is None:
+                time.sleep(1.0)
+                pids = children(run.pid)
+                if pids:
+                    os.kill(rng.choice(pids), signal.SIGKILL)
+                    done_kills += 1
+            log(f"killed {done_kills} workers in {time.time() - t0:.1f}s; now SIGKILL the whole run")
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+        mid = json.loads(wecomctl("status", "--json", "-c", str(conf), "-d", data).stdout)
+
+        second = wecomctl("run", "-c", str(conf), "-d", data, "--json")
+        elapsed = time.time() - t0
+        check = wecomctl("check", "--json", "-c", str(conf), "-d", data)
+        status = json.loads(wecomctl("status", "--json", "-c", str(conf), "-d", data).stdout)
+        dlq = json.loads(wecomctl("dlq", "list", "--json", "-c", str(conf), "-d", data).stdout)
+        stats = sim.stats()
+
+    stages = status["stages"]
+    ambiguous = sum(1 for d in dlq if d["kind"] == "ambiguous")
+    result = {
+        "bench": "chaos", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "params": {"leads": leads, "workers": workers, "kills": kills, "rate_limit": rate, "seed": seed,
+                   "provider": provider},
+        "lookups": {api: stats["calls"].get(api, 0) for api in ("get_groupmsg_list_v2", "get_groupmsg_send_result")},
+        "kills": done_kills + 1, "worker_kills": done_kills, "unknown_numbers": unknown,
+        "queued_after_kill": {s: mid["stages"][s]["ready"] + mid["stages"][s]["delayed"] + mid["stages"][s]["leased"]
+                              for s in ("add", "welcome")},
+        "second_run_exit": second.returncode, "elapsed_s": round(elapsed, 1),
+        "check_ok": json.loads(check.stdout)["ok"] if check.stdout else False,
+        "check_problems": json.loads(check.stdout)["problems"] if check.stdout else [check.stderr],
+        "imported": status["imported"], "stages": stages, "ambiguous": ambiguous,
+        "dead_by_kind": _by_kind(dlq), "duplicate_welcomes": stats["duplicate_welcomes"],
+        "sim_welcomes": stats["welcomes"], "sim_adds": stats["adds"],
+    }
+    result["holds"] = {
+        "check passes": result["check_ok"],
+        "add: imported = done + dead + skipped": status["imported"] == sum(stages["add"][k] for k in ("done", "dead", "skipped")),
+        "welcome: entered = done + dead + skipped": stages["welcome"]["entered"] == sum(stages["welcome"][k] for k in ("done", "dead", "skipped")),
+        "nothing left queued": all(stages[s][k] == 0 for s in stages for k in ("ready", "delayed", "leased")),
+        "duplicate_welcomes = 0": stats["duplicate_welcomes"] == 0,
+        "ambiguous <= kills": ambiguous <= result["kills"],
+    }
+    return result
+
+
+def _by_kind(dlq: list[dict]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for d in dlq:
+        key = f"{d['stage']}:{d['errcode'] if d['errcode'] is not None else d['kind']}"
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--leads", type=int, default=2000)
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--kills", type=int, default=10)
+    ap.add_argument("--rate", type=int, default=100, help="simulator and config limit, calls/s per API")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--provider", default="msg_template", choices=["msg_template", "gateway", "welcome_code"])
+    args = ap.parse_args()
+    r = chaos(args.leads, args.workers, args.kills, args.rate, args.seed, args.provider)
+    print(f"\n{'what':<42} value")
+    for k in ("kills", "imported", "ambiguous", "duplicate_welcomes", "sim_welcomes", "lookups", "elapsed_s",
+              "second_run_exit"):
+        print(f"{k:<42} {r[k]}")
+    for stage, row in r["stages"].items():
+        print(f"{stage:<42} " + " ".join(f"{k}={v}" for k, v in row.items()))
+    print(f"{'dead by kind':<42} {r['dead_by_kind']}")
+    for what, ok in r["holds"].items():
+        print(f"{what:<42} {'yes' if ok else 'NO'}")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"chaos-{args.provider}.json").write_text(json.dumps(r, ensure_ascii=False, indent=1), encoding="utf-8")
+    sys.exit(0 if all(r["holds"].values()) else 1)
+
+
+if __name__ == "__main__":
+    main()
