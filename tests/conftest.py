@@ -1,4 +1,10 @@
+import os
+import tempfile
+
 import pytest
+
+# Rate-limit state and tokens are shared machine-wide; keep the tests' own.
+os.environ.setdefault("WECOMCTL_SHARED_DIR", tempfile.mkdtemp(prefix="wecomctl-test-shared-"))
 
 from wecomctl.store.base import NewLead
 from wecomctl.store.disk import DiskStore

@@ -220,3 +220,46 @@ def test_live_view_on_a_terminal(tmp_path):
     assert "\x1b[" in screen  # cursor control: a live view
     assert "add" in screen and "welcome" in screen and "60/60" in screen
     assert "progress " not in screen  # not the plain-line format
+
+
+def test_long_rate_waits_keep_their_leases(tmp_path):
+    """Calls that wait longer than the lease for their rate slot are not taken by another
+    worker: leases are renewed while a call waits."""
+    sc = SimConfig()
+    with start_in_thread(sc) as handle:
+        conf_data = yaml.safe_load(cfg.simulator_config(handle.url, sc))
+        conf_data["run"].update(lease_s=2, workers=2, concurrency=8)
+        conf_data["limits"]["add_msg_template"] = {"per_second": 4}  # 16 in flight wait up to 4 s
+        conf = tmp_path / "c.yaml"
+        conf.write_text(yaml.safe_dump(conf_data, allow_unicode=True), encoding="utf-8")
+        data = str(tmp_path / "d")
+        leads = tmp_path / "l.csv"
+        make_leads(leads, n_valid=30, n_invalid=0, n_unknown=0, n_dupes=0)
+        cli("import", str(leads), "--campaign", "w", "--config", str(conf), "--data-dir", data)
+        proc = cli("run", "--config", str(conf), "--data-dir", data, check=False)
+        stats = handle.stats()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert stats["welcomes"] == 30 and stats["duplicate_welcomes"] == 0
+    st = json.loads(cli("status", "--json", "--config", str(conf), "--data-dir", data).stdout)
+    assert st["stages"]["welcome"]["done"] == 30 and st["stages"]["welcome"]["dead"] == 0
+
+
+def test_two_runs_with_different_data_dirs_share_one_rate_limit(tmp_path):
+    sc = SimConfig(rate_limit=25, latency_ms=10)
+    with start_in_thread(sc) as handle:
+        conf = tmp_path / "c.yaml"
+        conf.write_text(cfg.simulator_config(handle.url, sc), encoding="utf-8")
+        procs = []
+        for host in ("a", "b"):
+            leads = tmp_path / f"{host}.csv"
+            make_leads(leads, n_valid=100, n_invalid=0, n_unknown=0, n_dupes=0, seed=ord(host))
+            data = str(tmp_path / host)
+            cli("import", str(leads), "--campaign", host, "--config", str(conf), "--data-dir", data)
+            procs.append(subprocess.Popen([sys.executable, "-m", "wecomctl", "run", "--config", str(conf),
+                                           "--data-dir", data, "--workers", "1"],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        codes = [p.wait(timeout=120) for p in procs]
+        stats = handle.stats()
+    assert codes == [0, 0], [p.stderr.read() for p in procs]
+    assert stats["welcomes"] == 200 and stats["duplicate_welcomes"] == 0
+    assert not any("45009" in errs for errs in stats["errors"].values())

@@ -13,6 +13,7 @@ from wecomctl.wecom.client import LeaseLost, api_error
 
 class FakeAdd:
     idempotent = True
+    api = "add_by_phone"
 
     def __init__(self, errors=()):
         self.errors = list(errors)
@@ -33,6 +34,7 @@ class FakeAdd:
 
 class FakeWelcome(FakeAdd):
     idempotent = False
+    api = "add_msg_template"
 
     def send(self, lead, text, now, on_send=None):
         self.texts = getattr(self, "texts", []) + [text]
@@ -59,6 +61,9 @@ class FakeLimiter:
 
     def pause(self, api, until):
         self.paused[api] = until
+
+    def paused_until(self, api):
+        return self.paused.get(api, 0.0)
 
 
 def ctx_for(store, clock, add=None, welcome=None, text="您好{name}"):
@@ -154,7 +159,8 @@ def test_ledger_prevents_a_second_welcome_after_replay(store, clock):
     process(ctx, store.lease("welcome", 30, clock()))
     # A second lead for the same customer (e.g. re-imported under another number).
     store.put_leads("c", [lead(phone="+8613900130000")], clock())
-    ctx.add = type("A", (), {"idempotent": True, "add": lambda self, l, now, on_send=None: {"external_userid": "wm8000"}})()
+    ctx.add = type("A", (), {"idempotent": True, "api": "add_by_phone",
+                             "add": lambda self, l, now, on_send=None: {"external_userid": "wm8000"}})()
     process(ctx, store.lease("add", 30, clock()))
     assert process(ctx, store.lease("welcome", 30, clock())) == "skipped"
     assert welcome.calls == 1
@@ -277,3 +283,37 @@ def test_intent_is_recorded_after_the_rate_wait_and_before_the_request(store, cl
         ctx.welcome["msg_template"] = GatewayWelcome(GatewayClient("http://gw.test", Secret("k"), HttpApi(httpx.Client(), Limiter())))
         assert process(ctx, item) == "done"
     assert seen["at_acquire"] is None and seen["at_request"] == clock()
+
+
+def test_a_paused_api_gives_items_back_until_the_block_ends(store, clock):
+    store.put_leads("c", [lead()], clock())
+    add = FakeAdd()
+    ctx = ctx_for(store, clock, add=add)
+    ctx.limiter.pause("add_by_phone", clock() + 3600)  # an hour-level block
+    assert process(ctx, store.lease("add", 30, clock())) == "paused"
+    st = state(store, "add")
+    assert add.calls == 0 and st["state"] == "delayed" and st["attempts"] == 0 and st["calls"] == 0
+    assert store.next_wakeup() == pytest.approx(clock() + 3600, abs=0.01)
+
+
+def test_a_renewed_lease_outlives_its_first_expiry(store, clock):
+    store.put_leads("c", [lead()], clock())
+    item = store.lease("add", 10, clock())
+    clock.t += 8
+    assert store.renew(item, 10, clock())
+    clock.t += 8  # past the first expiry
+    assert store.maintain(clock()) == 0
+    assert store.mark_intent(item, clock())  # still ours
+    clock.t += 3
+    assert store.maintain(clock()) == 1  # not renewed again: now it expires
+    assert not store.renew(item, 10, clock()) and not store.mark_intent(item, clock())
+
+
+def test_leases_of_dead_workers_are_reclaimed_at_once(store, clock):
+    store.put_leads("c", [lead(), lead(phone="+8613900139000")], clock())
+    a = store.lease("add", 120, clock())
+    pid = int(a.token.split("-")[0])
+    assert store.reclaim(clock(), dead_pids={pid + 1}) == 0  # someone else
+    assert store.reclaim(clock(), dead_pids={pid}) == 1
+    again = store.lease("add", 120, clock())
+    assert again.id in (a.id, a.id + 1)

@@ -23,6 +23,9 @@ APIS = ("gettoken", "add_by_phone", "add_msg_template", "send_welcome_msg", "sen
         "get_groupmsg_list_v2", "get_groupmsg_send_result")
 
 
+SECRET_KEYS = {"corp_secret", "key"}  # never echoed in an error
+
+
 class Secret:
     """A secret value that never prints itself."""
 
@@ -123,6 +126,18 @@ class RunSettings:
     lease_s: float = 120.0  # visibility timeout of a leased item
     max_deliveries: int = 5  # leases without an outcome before an item is poison
     progress_interval_s: float = 10.0  # plain progress lines when stdout is not a terminal
+    # Rate-limit state and the access token, shared by every run on this machine that
+    # talks to the same corp or gateway (whatever its data dir). "" = $WECOMCTL_SHARED_DIR,
+    # else ~/.cache/wecomctl.
+    shared_dir: str = ""
+
+    def shared_path(self) -> str:
+        if self.shared_dir:
+            return os.path.expanduser(self.shared_dir)
+        if os.environ.get("WECOMCTL_SHARED_DIR"):
+            return os.environ["WECOMCTL_SHARED_DIR"]
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return os.path.join(base, "wecomctl")
 
 
 @dataclass
@@ -182,9 +197,10 @@ def _merge(obj: Any, data: Any, where: str, source: str) -> Any:
                 raise ConfigError(f"{source}: `{path}` must not be negative")
             setattr(obj, key, type(current)(value) if isinstance(current, float) else value)
         elif isinstance(current, str):
-            if not isinstance(value, (str, int)) or isinstance(value, bool):
-                raise ConfigError(f"{source}: `{path}` must be text, not {value!r}")
-            setattr(obj, key, str(value))
+            if not isinstance(value, str):
+                shown = "a value" if key in SECRET_KEYS else repr(value)
+                raise ConfigError(f"{source}: `{path}` must be text (quote it), not {shown}")
+            setattr(obj, key, value)
         elif isinstance(current, list):
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
@@ -245,6 +261,22 @@ def _validate(s: Settings) -> None:
             raise ConfigError(f"{s.source}: `{name}.provider` must be one of {', '.join(valid)}, not {welcome.provider!r}")
     if s.run.concurrency < 1:
         raise ConfigError(f"{s.source}: `run.concurrency` must be at least 1")
+    if s.run.lease_s < 1:
+        raise ConfigError(f"{s.source}: `run.lease_s` must be at least 1 second")
+    if s.run.max_deliveries < 1 or s.retry.max_attempts < 1:
+        raise ConfigError(f"{s.source}: `run.max_deliveries` and `retry.max_attempts` must be at least 1")
+    if s.run.progress_interval_s <= 0:
+        raise ConfigError(f"{s.source}: `run.progress_interval_s` must be more than 0")
+    for name, value in (("wecom.timeout_s", s.wecom.timeout_s), ("gateway.timeout_s", s.gateway.timeout_s)):
+        if not (0 < value < 3600):  # also refuses .nan
+            raise ConfigError(f"{s.source}: `{name}` must be between 0 and 3600 seconds")
+    for camp, over in s.campaigns.items():
+        if not isinstance(over, dict) or not isinstance(over.get("welcome", {}), dict):
+            raise ConfigError(f"{s.source}: `campaigns.{camp}` must be a mapping like {{welcome: {{text: ..., provider: ...}}}}")
+        unknown = set(over) - {"welcome"} | set(over.get("welcome") or {}) - {"text", "provider"}
+        if unknown:
+            raise ConfigError(f"{s.source}: unknown key under `campaigns.{camp}`: {', '.join(sorted(map(str, unknown)))} "
+                              "(known: welcome.text, welcome.provider)")
 
 
 def simulator_config(url: str, sim) -> str:

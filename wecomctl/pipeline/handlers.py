@@ -72,6 +72,13 @@ def process(ctx: Context, item: Leased) -> str:
             ctx.store.complete(item, now, updates={"welcome_status": "already_sent"}, state="skipped", called=False)
             return "skipped"
         provider = ctx.welcome[welcome.provider]
+    paused = ctx.limiter.paused_until(provider.api)
+    if paused > now + 1.0:
+        # WeCom blocked this API for the whole fleet (45009): give the item back until the
+        # block ends instead of holding its lease through it. No attempt is used.
+        ctx.store.retry(item, paused, Failure(45009, "API paused after a frequency-limit block", "throttle"),
+                        now, count_attempt=False, called=False)
+        return "paused"
     if item.intent and not provider.idempotent:
         # An earlier delivery was about to make this call and never recorded an outcome.
         settled = _settle(ctx, item, provider, text, item.intent)

@@ -73,11 +73,14 @@ def run(settings: Settings, workers: int, until_empty: bool = True,
     # cannot be reached fails before any process starts and before any item is touched.
     preflight(build_context(settings, store, threading.Event()))
     store.set_flag("fatal", None)  # a new run: the operator has fixed what stopped the last one
+    # Leases of workers that no longer exist (a run that was killed) go back at once.
+    store.reclaim(time.time())
     before = _outcomes(store.counts())
     ctx = mp.get_context("spawn")
 
     def spawn(i: int):
-        p = ctx.Process(target=worker_main, args=(settings, until_empty, log_level), name=f"wecomctl-worker-{i}")
+        p = ctx.Process(target=worker_main, args=(settings, until_empty, log_level, os.getpid()),
+                        name=f"wecomctl-worker-{i}")
         p.start()
         return p
 
@@ -112,6 +115,7 @@ def run(settings: Settings, workers: int, until_empty: bool = True,
                 for i, p in enumerate(procs):
                     if p.exitcode is not None and p.exitcode < 0 and len(restarts) < MAX_RESTARTS * workers:
                         restarts.append(f"{p.name} was killed by signal {-p.exitcode}; restarted")
+                        store.reclaim(time.time(), {p.pid})  # its items go back now, not at lease expiry
                         procs[i] = spawn(i)
     finally:
         for s, h in old.items():
@@ -126,6 +130,9 @@ def run(settings: Settings, workers: int, until_empty: bool = True,
 
     after = _outcomes(counts)
     this_run = {k: after[k] - before[k] for k in after}
+    left = sum(st[k] for c in counts.values() for st in c["stages"].values() for k in ("ready", "delayed", "leased"))
+    if until_empty and left and not signals and not fatal:
+        errors.append(f"the workers stopped with {left} items still queued (see the errors above); run again to continue")
     if signals:
         code = 128 + signals[0]
     elif fatal:

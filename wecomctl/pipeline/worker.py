@@ -8,7 +8,9 @@ in hand, record it and exit.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import random
 import signal
 import threading
@@ -17,8 +19,8 @@ from pathlib import Path
 
 import httpx
 
-from wecomctl.config import Settings
-from wecomctl.errors import WecomctlError
+from wecomctl.config import APIS, Settings
+from wecomctl.errors import StoreError, WecomctlError
 from wecomctl.pipeline.handlers import Context, FatalStop, process
 from wecomctl.pipeline.retry import Backoff
 from wecomctl.ratelimit.limiter import FileLimiterBackend, RateLimiter
@@ -33,6 +35,7 @@ log = logging.getLogger("wecomctl.worker")
 IDLE_SLEEP_S = 0.2
 MAINTAIN_EVERY_S = 0.5
 EXIT_FATAL = 3
+EXIT_CRASHED = 70  # a bug in a worker (EX_SOFTWARE); the parent reports it
 
 
 def open_store(settings: Settings, create: bool = True) -> DiskStore:
@@ -41,8 +44,15 @@ def open_store(settings: Settings, create: bool = True) -> DiskStore:
 
 
 def build_context(settings: Settings, store, stop: threading.Event, clock=time.time) -> Context:
-    data = Path(settings.data_dir)
-    limiter = RateLimiter(FileLimiterBackend(str(data / "limits")), settings.limits, clock=clock)
+    shared = Path(settings.run.shared_path())
+    wecom_scope = _scope(settings.wecom.base_url, settings.wecom.corp_id)
+    gateway_scope = _scope(settings.gateway.base_url)
+    scopes = {api: gateway_scope if api in GATEWAY_APIS else wecom_scope for api in APIS}
+    try:
+        backend = FileLimiterBackend(str(shared / "limits"))
+    except OSError as exc:
+        raise StoreError(f"cannot use the shared dir {shared}: {exc.strerror or exc} (set run.shared_dir)") from None
+    limiter = RateLimiter(backend, settings.limits, clock=clock, scopes=scopes)
     timeout = max(settings.wecom.timeout_s, settings.gateway.timeout_s)
     pool = settings.run.concurrency + 2
     http = httpx.Client(timeout=timeout, limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool))
@@ -53,13 +63,21 @@ def build_context(settings: Settings, store, stop: threading.Event, clock=time.t
     if providers & {"msg_template", "welcome_code"}:
         client = WecomClient(
             settings.wecom.base_url, settings.wecom.corp_id, settings.corp_secret(), api,
-            lambda fetch: TokenCache(str(data / "tokens"), settings.wecom.corp_id, "customer-contact",
+            lambda fetch: TokenCache(str(shared / "tokens"), settings.wecom.corp_id, wecom_scope,
                                      settings.wecom.token_refresh_margin_s, fetch, clock=clock),
         )
         welcome["msg_template"] = MsgTemplateWelcome(client)
         welcome["welcome_code"] = WelcomeCodeWelcome(client)
     return Context(store=store, settings=settings, add=GatewayAdd(gateway), welcome=welcome,
                    limiter=limiter, backoff=Backoff(settings.retry), clock=clock, lease_s=settings.run.lease_s)
+
+
+GATEWAY_APIS = ("add_by_phone", "send_text")
+
+
+def _scope(*parts: str) -> str:
+    """A file-name-safe id of an account (URL and corp), without revealing anything."""
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
 def drained(store) -> bool:
@@ -71,13 +89,33 @@ def drained(store) -> bool:
 
 
 class Worker:
-    def __init__(self, ctx: Context, until_empty: bool, stop: threading.Event):
+    def __init__(self, ctx: Context, until_empty: bool, stop: threading.Event, parent: int | None = None):
         self.ctx = ctx
         self.until_empty = until_empty
         self.stop = stop
+        self.parent = parent  # stop when this process is gone (the run was killed)
         self.fatal: FatalStop | None = None
+        self.crashed = False
         self._last_maintain = 0.0
         self._mlock = threading.Lock()
+        self._inflight: set = set()  # leased items being worked on, for lease renewal
+        self._ilock = threading.Lock()
+
+    def _keep_leases(self) -> None:
+        """Renew the leases of items in hand every third of the lease, so a slow call or a
+        long wait for a rate slot never lets another worker take the same item."""
+        every = max(0.5, self.ctx.lease_s / 3)
+        while not self._done.wait(every):
+            with self._ilock:
+                items = list(self._inflight)
+            for item in items:
+                try:
+                    self.ctx.store.renew(item, self.ctx.lease_s, self.ctx.clock())
+                except WecomctlError as exc:
+                    log.warning("could not renew a lease: %s", exc)
+            if self.parent is not None and os.getppid() != self.parent:
+                log.error("the run that started this worker is gone; stopping")
+                self.stop.set()
 
     def _maintain(self, now: float) -> None:
         with self._mlock:
@@ -110,6 +148,8 @@ class Worker:
                 pause = IDLE_SLEEP_S if wake is None else min(IDLE_SLEEP_S, max(0.01, wake - self.ctx.clock()))
                 time.sleep(pause)
                 continue
+            with self._ilock:
+                self._inflight.add(item)
             try:
                 process(self.ctx, item)
             except FatalStop as exc:
@@ -117,14 +157,24 @@ class Worker:
                 store.set_flag("fatal", {"api": exc.error.api, "errcode": exc.error.errcode,
                                          "error": str(exc.error), "at": self.ctx.clock()})
                 self.stop.set()
+            finally:
+                with self._ilock:
+                    self._inflight.discard(item)
 
     def run(self, threads: int) -> int:
+        self._done = threading.Event()
+        keeper = threading.Thread(target=self._keep_leases, name="leases", daemon=True)
+        keeper.start()
         pool = [threading.Thread(target=self._guard, name=f"w{i}", daemon=True) for i in range(threads)]
         for t in pool:
             t.start()
         for t in pool:
             t.join()
-        return EXIT_FATAL if self.fatal or self.ctx.store.get_flag("fatal") else 0
+        self._done.set()
+        keeper.join()
+        if self.fatal or self.ctx.store.get_flag("fatal"):
+            return EXIT_FATAL
+        return EXIT_CRASHED if self.crashed else 0
 
     def _guard(self) -> None:
         try:
@@ -132,12 +182,13 @@ class Worker:
         except WecomctlError as exc:
             log.error("%s", exc)
             self.stop.set()
-        except Exception:  # a bug: stop this process; leases expire and others take over
+        except Exception:  # a bug: stop this process; its leases go back and others take over
             log.exception("worker thread crashed")
+            self.crashed = True
             self.stop.set()
 
 
-def worker_main(settings: Settings, until_empty: bool, log_level: str = "WARNING") -> None:
+def worker_main(settings: Settings, until_empty: bool, log_level: str = "WARNING", parent: int | None = None) -> None:
     """Entry point of a worker process (spawned by the pool)."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs URLs, which hold tokens
@@ -151,6 +202,6 @@ def worker_main(settings: Settings, until_empty: bool, log_level: str = "WARNING
     except WecomctlError as exc:
         log.error("%s", exc)
         raise SystemExit(2)
-    code = Worker(ctx, until_empty, stop).run(settings.run.concurrency)
+    code = Worker(ctx, until_empty, stop, parent).run(settings.run.concurrency)
     store.close()
     raise SystemExit(code)

@@ -69,10 +69,22 @@ class FileLimiterBackend:
         self._fds.clear()
 
 
+class _Scoped:
+    """Names each API's state after the account it belongs to, so two configs for the same
+    corp (or gateway) share one limit and two different corps never do."""
+
+    def __init__(self, backend, scopes: dict[str, str]):
+        self.backend, self.scopes = backend, scopes
+
+    def update(self, api, n, fn):
+        scope = self.scopes.get(api)
+        return self.backend.update(f"{scope}.{api}" if scope else api, n, fn)
+
+
 class RateLimiter:
     def __init__(self, backend, limits: dict[str, Limit], clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], None] = time.sleep):
-        self.backend = backend
+                 sleep: Callable[[float], None] = time.sleep, scopes: dict[str, str] | None = None):
+        self.backend = _Scoped(backend, scopes) if scopes else backend
         self.limits = limits
         self.clock = clock
         self.sleep = sleep

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -48,6 +49,17 @@ MAINTAIN_BATCH = 200
 
 def _ms(t: float) -> str:
     return f"{int(t * 1000):015d}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
 
 
 def _due(prefix: str, key: str) -> float:
@@ -73,6 +85,7 @@ class DiskStore:
             raise StoreError(f"cannot open the store in {self.path}: {exc} (check the path exists, is writable and has free space)") from None
         self._check_format()
         self._lease_seq = 0
+        self._seq_lock = threading.Lock()
 
     # -- plumbing ---------------------------------------------------------------
     @contextmanager
@@ -126,6 +139,7 @@ class DiskStore:
             # An outcome (or an operator's replay) settles whatever call was intended.
             # Only a lease that expires keeps it: see maintain().
             st["intent"] = None
+            st["lease"] = None
         st.update(extra)
         if state == "ready" and qkey is None:
             st["qkey"] = c.push(lead["id"], prefix=f"q.{stage}.ready")
@@ -189,25 +203,63 @@ class DiskStore:
                     self._move(c, lead, stage, "dead", now, errcode=None, kind="poison",
                                error=f"poison: leased {st['deliveries']} times without an outcome (a worker died each time)")
                     continue
-                self._lease_seq += 1
+                with self._seq_lock:
+                    self._lease_seq += 1
+                    token = f"{os.getpid()}-{self._lease_seq}"
                 expires = now + lease_s
-                lkey = f"q.{stage}.lease-{_ms(expires)}.{lid}.{os.getpid()}-{self._lease_seq}"
+                lkey = f"q.{stage}.lease-{_ms(expires)}.{lid}.{token}"
                 c.set(lkey, lid)
-                self._move(c, lead, stage, "leased", now, qkey=lkey, deliveries=st["deliveries"] + 1)
-                return Leased(lid, stage, lkey, lead, expires)
+                self._move(c, lead, stage, "leased", now, qkey=lkey, deliveries=st["deliveries"] + 1, lease=token)
+                return Leased(lid, stage, lkey, lead, expires, token)
+
+    def _holds(self, lead: dict | None, item: Leased) -> bool:
+        """Does this worker still hold the lease? (The token survives renewals.)"""
+        return (lead is not None and lead[item.stage]["state"] == "leased"
+                and lead[item.stage].get("lease") == item.token)
 
     def renew(self, item: Leased, lease_s: float, now: float) -> bool:
+        """Extend a lease while its call waits or runs."""
         with self._tx() as c:
             lead = c.get(f"lead:{item.id}")
-            if lead is None or lead[item.stage]["qkey"] != item.key:
+            if not self._holds(lead, item):
                 return False
             expires = now + lease_s
-            self._lease_seq += 1
-            lkey = f"q.{item.stage}.lease-{_ms(expires)}.{item.id}.{os.getpid()}-{self._lease_seq}"
+            lkey = f"q.{item.stage}.lease-{_ms(expires)}.{item.id}.{item.token}"
             c.set(lkey, item.id)
             self._move(c, lead, item.stage, "leased", now, qkey=lkey)
-            item.key, item.expires, item.lead = lkey, expires, lead
+            item.key, item.expires = lkey, expires
             return True
+
+    def reclaim(self, now: float, dead_pids: set[int] | None = None) -> int:
+        """Return the leases of worker processes that are gone to ready at once, instead
+        of waiting for them to expire. dead_pids None: every pid not running now."""
+        moved = 0
+        for stage in STAGES:
+            for key in self._keys(f"q.{stage}.lease-"):
+                try:
+                    pid = int(key.rsplit(".", 1)[1].split("-")[0])
+                except (IndexError, ValueError):
+                    continue
+                if (pid not in dead_pids) if dead_pids is not None else _alive(pid):
+                    continue
+                with self._tx() as c:
+                    lid = c.get(key)
+                    lead = c.get(f"lead:{lid}") if lid is not None else None
+                    if lead is None or lead[stage]["qkey"] != key:
+                        continue
+                    # The intent stays: the dead worker may have been mid-call.
+                    self._move(c, lead, stage, "ready", now, intent=lead[stage].get("intent"))
+                    moved += 1
+        return moved
+
+    def _keys(self, prefix: str) -> list[str]:
+        """Keys starting with prefix, through SQLite's key index (diskcache has no public
+        range scan; a full iteration would read every lead)."""
+        sql = getattr(self.cache, "_sql", None)
+        if sql is None:
+            return [k for k in self.cache.iterkeys() if isinstance(k, str) and k.startswith(prefix)]
+        rows = sql("SELECT key FROM Cache WHERE key >= ? AND key < ? AND raw = 1", (prefix, prefix + "\uffff")).fetchall()
+        return [r[0] for r in rows]
 
     def mark_intent(self, item: Leased, now: float) -> bool:
         """Record, before a call with a side effect, that it is about to be made.
@@ -215,7 +267,7 @@ class DiskStore:
         False if the lease was lost meanwhile (then the call must not be made)."""
         with self._tx() as c:
             lead = c.get(f"lead:{item.id}")
-            if lead is None or lead[item.stage]["qkey"] != item.key:
+            if not self._holds(lead, item):
                 return False
             lead[item.stage]["intent"] = now
             c.set(f"lead:{item.id}", lead)
@@ -252,7 +304,8 @@ class DiskStore:
             if enqueue_next and item.stage == "add":
                 self._move(c, lead, "welcome", "ready", now)
 
-    def retry(self, item: Leased, due: float, failure: Failure, now: float, count_attempt: bool = True) -> str:
+    def retry(self, item: Leased, due: float, failure: Failure, now: float, count_attempt: bool = True,
+              called: bool = True) -> str:
         with self._tx() as c:
             lead = self._current(c, item)
             if lead is None:
@@ -260,7 +313,7 @@ class DiskStore:
             st = lead[item.stage]
             attempts = st["attempts"] + (1 if count_attempt else 0)
             info = dict(errcode=failure.errcode, error=failure.error, kind=failure.kind, attempts=attempts,
-                        calls=st.get("calls", 0) + 1)
+                        calls=st.get("calls", 0) + (1 if called else 0))
             if count_attempt and attempts >= self.max_attempts:
                 info["error"] = f"{failure.error} (gave up after {attempts} attempts)"
                 self._move(c, lead, item.stage, "dead", now, **info)
@@ -285,8 +338,8 @@ class DiskStore:
     def release(self, item: Leased, now: float) -> None:
         """Give an item back untouched (shutdown, fatal stop): no attempt, no delivery."""
         with self._tx() as c:
-            lead = self._current(c, item)
-            if lead is None or lead[item.stage]["qkey"] != item.key:
+            lead = c.get(f"lead:{item.id}")
+            if not self._holds(lead, item):
                 return
             st = lead[item.stage]
             self._move(c, lead, item.stage, "ready", now, deliveries=max(0, st["deliveries"] - 1))
