@@ -407,3 +407,24 @@ def test_xlsx_sheets(tmp_path):
     wb.save(tmp_path / "two.xlsx")
     with pytest.raises(InputError, match="'客户', '客户2'"):
         read(tmp_path / "two.xlsx")
+
+
+@pytest.mark.parametrize("data, lines", [
+    (b"a\r\nb\rc\nd", [b"a\n", b"b\n", b"c\n", b"d"]),
+    (b"a\r", [b"a\n"]),
+    (b"\r\n\r\n", [b"\n", b"\n"]),
+    (b"a" * 65535 + b"\r" + b"\nb", [b"a" * 65535 + b"\n", b"b"]),  # \r\n split across blocks
+    (b"a" * 65535 + b"\r" + b"b", [b"a" * 65535 + b"\n", b"b"]),  # a lone \r at a block end
+])
+def test_byte_lines_handles_every_line_end_across_blocks(data, lines):
+    import io
+
+    from wecomctl.ingest.encoding import byte_lines
+    assert list(byte_lines(io.BytesIO(data))) == lines
+
+
+def test_a_runaway_line_is_refused(tmp_path):
+    from wecomctl.ingest.encoding import MAX_LINE
+    path = write(tmp_path, "huge.csv", b"phone\n" + b'"' + b"1" * (MAX_LINE + 10))
+    with pytest.raises(InputError, match="longer than"):
+        lf, rows = read(path)

@@ -79,6 +79,8 @@ def import_cmd(
             raise WecomctlError("--campaign is required (for example: wecomctl import leads.csv --campaign spring)")
         s = _settings(config, data_dir)
         for f in files:
+            if os.path.isdir(f):
+                raise WecomctlError(f"{f} is a directory; pass the lead files in it")
             if not os.path.isfile(f):
                 raise WecomctlError(f"file not found: {f}")
         if dry_run:
@@ -88,10 +90,16 @@ def import_cmd(
             store = open_store(s)
         opts = ReadOptions(encoding=encoding, delimiter=delimiter, phone_column=phone_column,
                            name_column=name_column, owner_column=owner_column)
+        # A dry run writes nothing at all: its report is on the screen.
         imp = Importer(store, campaign, owner=owner, staff=s.staff, options=opts,
-                       rejects_dir=os.path.join(s.data_dir, "rejects"), dry_run=dry_run,
+                       rejects_dir=None if dry_run else os.path.join(s.data_dir, "rejects"), dry_run=dry_run,
                        template=s.welcome_for(campaign.strip()).text)
-        report = imp.run(files)
+        try:
+            report = imp.run(files)
+        except KeyboardInterrupt:
+            err.print("interrupted: the leads read so far are queued; run the same import again to finish "
+                      "(what is already queued is skipped as a duplicate)")
+            raise typer.Exit(EXIT_INTERRUPTED)
         if store:
             store.close()
     except WecomctlError as exc:
@@ -122,7 +130,7 @@ def import_cmd(
 def run(
     workers: int = typer.Option(0, "--workers", "-w", min=0, help="Worker processes (default: run.workers, else CPU count)."),
     until_empty: bool = typer.Option(True, "--until-empty/--forever", help="Stop when every queue is drained (default), or keep running."),
-    progress_interval: Optional[float] = typer.Option(None, "--progress-interval", help="Seconds between plain progress lines when stdout is not a terminal."),
+    progress_interval: Optional[float] = typer.Option(None, "--progress-interval", min=0.1, help="Seconds between plain progress lines when stdout is not a terminal."),
     log_level: str = typer.Option("WARNING", "--log-level", help="DEBUG, INFO, WARNING or ERROR (to stderr)."),
     config: Optional[str] = ConfigOpt, data_dir: Optional[str] = DataDirOpt, as_json: bool = JsonOpt,
 ):
@@ -164,7 +172,10 @@ def _print_run_summary(result, as_json: bool) -> None:
               f"still queued {a['ready'] + a['delayed'] + a['leased'] + w['ready'] + w['delayed'] + w['leased']}", highlight=False)
     if result.fatal:
         err.print(f"[red]stopped:[/] {result.fatal['error']} — fix it, then run again; the items are still queued.", highlight=False)
-    if result.interrupted:
+    if result.interrupted and result.forced:
+        err.print("stopped at once (second signal): calls in flight were cut off; their items go back to the "
+                  "queue when the next run starts. Run again to continue.")
+    elif result.interrupted:
         err.print("interrupted: in-flight calls were finished and recorded; run again to continue.")
     for e in result.worker_errors:
         err.print(f"[yellow]warning:[/] {e}")
@@ -349,7 +360,7 @@ def dlq_list(
 # --- simulate / demo ----------------------------------------------------------------------
 @app.command()
 def simulate(
-    port: int = typer.Option(0, "--port", help="Port on 127.0.0.1 (0 = pick a free one and print it)."),
+    port: int = typer.Option(0, "--port", min=0, max=65535, help="Port on 127.0.0.1 (0 = pick a free one and print it)."),
     latency_ms: float = typer.Option(0.0, "--latency-ms", help="Added latency per call."),
     rate_limit: int = typer.Option(0, "--rate-limit", help="Calls per second per API (0 = none); beyond it 45009 until the window ends."),
     max_concurrency: int = typer.Option(0, "--max-concurrency", help="Calls in flight per API (0 = none); beyond it 45033."),
@@ -368,15 +379,25 @@ def simulate(
     """
     from wecomctl.simulator import SimConfig, serve
 
-    sc = SimConfig.from_yaml(sim_config) if sim_config else SimConfig()
+    try:
+        sc = SimConfig.from_yaml(sim_config) if sim_config else SimConfig()
+    except WecomctlError as exc:
+        _fail(exc)
     sc.port, sc.latency_ms, sc.rate_limit = port, latency_ms, rate_limit
     sc.max_concurrency, sc.busy_rate, sc.token_ttl_s, sc.seed = max_concurrency, busy_rate, token_ttl, seed
     if staff:
         sc.staff = tuple(x.strip() for x in staff.split(",") if x.strip())
     if unknown_suffix is not None:
         sc.unknown_suffix = unknown_suffix
-    if not 0.0 <= busy_rate <= 1.0:
-        _fail(WecomctlError("--busy-rate must be between 0 and 1"))
+    try:
+        sc.validate()
+    except ValueError as exc:
+        _fail(WecomctlError(f"simulate: {exc}"))
+    if write_config:
+        try:
+            open(write_config, "a", encoding="utf-8").close()
+        except OSError as exc:
+            _fail(WecomctlError(f"cannot write {write_config}: {exc.strerror or exc}"))
 
     def ready(url: str) -> None:
         print(f"simulator listening on {url}", flush=True)
@@ -414,10 +435,20 @@ def demo(
 
 
 def main() -> None:
+    import sqlite3
+
     try:
         app()
     except KeyboardInterrupt:
+        err.print("interrupted")
         sys.exit(EXIT_INTERRUPTED)
+    except sqlite3.DatabaseError as exc:
+        err.print(f"[red]error:[/] the store is damaged or not a wecomctl store ({exc}); "
+                  "run `wecomctl check`, or use a new --data-dir", highlight=False)
+        sys.exit(EXIT_USAGE)
+    except RecursionError:
+        err.print("[red]error:[/] the input is nested too deeply to be a lead file", highlight=False)
+        sys.exit(EXIT_USAGE)
 
 
 if __name__ == "__main__":

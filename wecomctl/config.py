@@ -315,7 +315,9 @@ def simulator_config(url: str, sim) -> str:
                  "limits:  # the simulator has no rate limit, so neither does this config")
     for api in APIS:
         if per_second:
-            lines += [f"  {api}:", f"    per_second: {per_second}", f"    block_s: {sim.rate_window_s}"]
+            # A per-second window is short next to scheduling jitter on a busy machine:
+            # a wider guard keeps the fixed-window simulator from ever seeing limit+1.
+            lines += [f"  {api}:", f"    per_second: {per_second}", "    guard_ms: 50", f"    block_s: {sim.rate_window_s}"]
         else:
             lines += [f"  {api}: {{}}"]
     return "\n".join(lines) + "\n"

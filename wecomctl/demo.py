@@ -11,7 +11,7 @@ from rich.table import Table
 
 from wecomctl import config as cfg
 from wecomctl import samples
-from wecomctl.errors import EXIT_DEAD, EXIT_OK
+from wecomctl.errors import EXIT_DEAD, EXIT_OK, UsageError
 from wecomctl.ingest.importer import Importer
 from wecomctl.pipeline import pool
 from wecomctl.pipeline.worker import open_store
@@ -26,7 +26,13 @@ def run_demo(out: Console, err: Console, data_dir: str | None, workers: int, as_
     from wecomctl.simulator import SimConfig, start_process
 
     d = data_dir or tempfile.mkdtemp(prefix="wecomctl-demo-")
-    os.makedirs(d, exist_ok=True)
+    if os.path.exists(d) and (not os.path.isdir(d) or os.listdir(d)):
+        # The demo talks to a simulator: it must never touch real campaign data.
+        raise UsageError(f"demo needs a new or empty --data-dir; {d} is not (leave out --data-dir for a temporary one)")
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create {d}: {exc.strerror or exc}") from None
     sim_cfg = SimConfig(**DEMO_SIM)
     log = err if as_json else out
     with start_process(sim_cfg) as sim:

@@ -147,26 +147,44 @@ def decode_sample(head: bytes, enc: Encoding, complete: bool) -> str:
 _LINE_END = re.compile(rb"\r\n|\n|\r")
 
 
+MAX_LINE = 16 * 1024 * 1024  # no lead row is this long: a runaway quote or not a lead file
+
+
 def byte_lines(f: BinaryIO) -> Iterator[bytes]:
     r"""Lines ending in b"\n", for files ending lines in \r\n, \n or \r (old Mac Excel).
 
     Safe for UTF-8 and GB18030: neither uses the bytes \r or \n inside a character.
+    Each block is scanned once (a very long line costs linear time, not quadratic).
     """
-    pending = b""
+    parts: list[bytes] = []  # pieces of the line not yet ended
+    size = 0
+    cr_held = False  # the last block ended in \r: a line end, maybe the first half of \r\n
     while True:
         block = f.read(SAMPLE)
         if not block:
             break
-        data = pending + block
+        if cr_held:
+            cr_held = False
+            yield b"".join(parts) + b"\n"
+            parts, size = [], 0
+            if block.startswith(b"\n"):
+                block = block[1:]
         pos = 0
-        for match in _LINE_END.finditer(data):
-            if match.group() == b"\r" and match.end() == len(data):
-                break  # may be the first half of \r\n split across blocks
-            yield data[pos:match.start()] + b"\n"
+        for match in _LINE_END.finditer(block):
+            if match.group() == b"\r" and match.end() == len(block):
+                cr_held = True
+                break
+            parts.append(block[pos:match.start()])
+            yield b"".join(parts) + b"\n"
+            parts, size = [], 0
             pos = match.end()
-        pending = data[pos:]
-    if pending:
-        yield pending[:-1] + b"\n" if pending.endswith(b"\r") else pending
+        rest = block[pos:len(block) - (1 if cr_held else 0)]
+        parts.append(rest)
+        size += len(rest)
+        if size > MAX_LINE:
+            raise InputError(f"a line is longer than {MAX_LINE // 2**20} MiB: a runaway quote, or not a lead file")
+    if cr_held or any(parts):
+        yield b"".join(parts) + b"\n" if cr_held else b"".join(parts)
 
 
 class LineDecoder:

@@ -185,7 +185,9 @@ class Importer:
         if not any_rows or not self.rejects_dir:
             return None
         Path(self.rejects_dir).mkdir(parents=True, exist_ok=True)
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self.clock()))
+        now = self.clock()
+        # Milliseconds and the pid: two imports in one second never share a report file.
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now)) + f"-{int(now * 1000) % 1000:03d}-{os.getpid()}"
         safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in self.campaign)
         path = Path(self.rejects_dir) / f"{kind}-{safe}-{stamp}.csv"
         tmp = path.with_suffix(".csv.tmp")

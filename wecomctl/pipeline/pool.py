@@ -35,6 +35,7 @@ class RunResult:
     interrupted: int | None = None  # the signal number, if stopped by one
     worker_errors: list[str] = field(default_factory=list)
     this_run: dict = field(default_factory=dict)  # added, welcomed, dead by this run
+    forced: bool = False  # a second signal killed the workers
 
 
 class Unreachable(WecomctlError):
@@ -143,7 +144,7 @@ def run(settings: Settings, workers: int, until_empty: bool = True,
     else:
         code = EXIT_OK
     return RunResult(code, time.time() - start, counts, fatal, signals[0] if signals else None,
-                     restarts + errors, this_run)
+                     restarts + errors, this_run, forced=len(signals) > 1)
 
 
 def _outcomes(counts: dict) -> dict[str, int]:

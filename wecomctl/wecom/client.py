@@ -64,8 +64,10 @@ class HttpApi:
             unsent = isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
             raise NetworkError(api, f"{msg} (is {httpx.URL(url).host} reachable?)", maybe_sent=not unsent) from None
         if resp.status_code != 200:
-            raise NetworkError(api, f"HTTP {resp.status_code} from {httpx.URL(url).host}",
-                               maybe_sent=resp.status_code not in (429, 503))
+            # 4xx (wrong URL, refused) and 503/429 mean the request was not carried out.
+            code = resp.status_code
+            raise NetworkError(api, f"HTTP {code} from {httpx.URL(url).host}{' (check base_url)' if code == 404 else ''}",
+                               maybe_sent=code >= 500 and code != 503)
         try:
             data = resp.json()
         except ValueError:
