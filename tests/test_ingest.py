@@ -428,3 +428,21 @@ def test_a_runaway_line_is_refused(tmp_path):
     path = write(tmp_path, "huge.csv", b"phone\n" + b'"' + b"1" * (MAX_LINE + 10))
     with pytest.raises(InputError, match="longer than"):
         lf, rows = read(path)
+
+
+def test_runaway_quote_is_reported_with_its_lines_and_a_multiline_cell_is_not(tmp_path):
+    path = write(tmp_path, "q.csv", '手机号,姓名,备注\n13800138000,张三,"vip\n13900139000,李四,x\n'
+                                    '13700137000,王五,ok"\n13500135000,钱七,"多行\n地址"\n')
+    _, items = read(path)
+    rejects = [i for i in items if isinstance(i, Reject)]
+    leads = [i for i in items if isinstance(i, Lead)]
+    assert [lead.phone for lead in leads] == ["+8613500135000"]  # the multi-line address is fine
+    (r,) = rejects
+    assert r.reason.startswith("runaway quote") and "lines 2 to 4" in r.reason and "swallowing 2 rows" in r.reason
+
+
+def test_nul_bytes_are_removed_and_counted(tmp_path):
+    path = write(tmp_path, "n.csv", b"phone,name\n1380013\x008000,A\n13900139000,B\n")
+    lf, items = read(path)
+    assert [i.phone for i in items if isinstance(i, Lead)] == ["+8613800138000", "+8613900139000"]
+    assert lf.nul_rows == 1

@@ -116,6 +116,9 @@ def import_cmd(
         out.print(t)
         for reason, n in sorted(report.reasons.items(), key=lambda kv: -kv[1]):
             out.print(f"  rejected {n}: {reason}")
+        for f in report.files:
+            if f.nul_rows:
+                out.print(f"  {f.path}: NUL bytes removed from {f.nul_rows} rows (a damaged export?)")
         if report.revived:
             out.print(f"{report.revived} fixed rows replaced their dead letters and are queued again")
         if report.rejects_file:

@@ -78,16 +78,44 @@ def sample_lines(text: str, complete: bool) -> list[str]:
     return lines
 
 
-def rows(path: str, lines: Iterable[str], delimiter: str) -> Iterator[list[str]]:
+class Cells(list):
+    """One parsed record, with the physical lines it came from (1-based) and whether NUL
+    bytes were removed from it."""
+
+    first_line = 0
+    last_line = 0
+    had_nul = False
+
+
+def rows(path: str, lines: Iterable[str], delimiter: str) -> Iterator[Cells]:
     """Parsed rows of the whole file, the "sep=" line dropped, NUL bytes removed."""
-    lines = (line.replace("\x00", "") for line in lines)
+    nul_lines: set[int] = set()
+    count = [0]
+
+    def clean(source: Iterable[str]) -> Iterator[str]:
+        for line in source:
+            count[0] += 1
+            if "\x00" in line:
+                nul_lines.add(count[0])
+                line = line.replace("\x00", "")
+            yield line
+
+    lines = clean(lines)
     first = next(lines, None)
     if first is None:
         return
     first = first.lstrip("\ufeff")
-    reader = csv.reader(lines if sep_line(first) else _chain(first, lines), delimiter=delimiter)
+    skipped = 1 if sep_line(first) else 0
+    reader = csv.reader(lines if skipped else _chain(first, lines), delimiter=delimiter)
     try:
-        yield from reader
+        last = skipped
+        for record in reader:
+            cells = Cells(record)
+            cells.first_line, cells.last_line = last + 1, skipped + reader.line_num
+            cells.had_nul = any(cells.first_line <= n <= cells.last_line for n in nul_lines)
+            nul_lines = {n for n in nul_lines if n > cells.last_line}
+            last = cells.last_line
+            yield cells
     except csv.Error as exc:
         raise InputError(f"{path}: line {reader.line_num}: {exc}; look for an unmatched double quote "
                          "in that line or the ones before it") from None

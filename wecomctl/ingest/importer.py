@@ -34,6 +34,7 @@ class FileReport:
     skipped: int = 0
     blank: int = 0
     revived: int = 0
+    nul_rows: int = 0  # rows NUL bytes were removed from
 
 
 @dataclass
@@ -140,6 +141,7 @@ class Importer:
                         self._flush(batch, fr, rejects)
                         batch = []
             self._flush(batch, fr, rejects)
+            fr.nul_rows = getattr(lf, "nul_rows", 0)
             report.accepted += fr.accepted
             report.rejected += fr.rejected
             report.skipped += fr.skipped

@@ -9,6 +9,7 @@ before the first is imported, and a file of a million rows is never held in memo
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -47,6 +48,7 @@ class LeadFile:
         self.headers: list[str] = []  # cleaned header of every column
         self.sheet: str | None = None  # XLSX: the sheet read
         self.headerless = False  # a plain list of numbers: no header row
+        self.nul_rows = 0  # rows NUL bytes were removed from (counted while reading)
         self._enc: Encoding | None = None
         self._sniff()
 
@@ -205,6 +207,12 @@ class LeadFile:
                     header_seen = not csvfile.is_blank(cells)  # blank rows above the header
                     continue
                 n += 1
+                runaway = _runaway(cells)
+                if runaway:
+                    yield Reject(self.path, n, runaway[0], runaway[1])
+                    continue
+                if getattr(cells, "had_nul", False):
+                    self.nul_rows += 1
                 record = dict(zip(self.headers, cells))
                 for header in self.headers[len(cells):]:
                     record[header] = ""  # a short row: Excel drops trailing empty cells
@@ -265,6 +273,23 @@ class LeadFile:
         name = (fields.get(columns["name"]) or None) if columns["name"] else None
         owner = (fields.get(columns["owner"]) or None) if columns["owner"] else None
         return Lead(phone, name, owner, fields, self.path, n, raw)
+
+
+_SWALLOWED = re.compile(r"\n[^\n]*(?<!\d)1[3-9]\d{9}(?!\d)")
+
+
+def _runaway(cells) -> tuple[str, str] | None:
+    """A record that swallowed whole lead rows: an unmatched quote opened a cell that runs
+    on over later lines holding their own mobile numbers. (raw, reason) or None."""
+    first, last = getattr(cells, "first_line", 0), getattr(cells, "last_line", 0)
+    if last <= first:
+        return None
+    for cell in cells:
+        if "\n" in cell and _SWALLOWED.search(cell):
+            raw = cell.split("\n", 1)[0][:60]
+            return raw, (f"runaway quote: an unmatched double quote at line {first} makes one cell of lines "
+                         f"{first} to {last} of the file, swallowing {last - first} rows; fix the quote and import again")
+    return None
 
 
 def _is_mobile(cell: str, region: str) -> bool:
