@@ -168,3 +168,27 @@ def test_check_passes_on_a_healthy_store_and_finds_damage(store, clock):
     assert "counter done=2 but 1 leads are done" in problems
     assert "orphan queue entry q.add.lease-000000000000001.99.1-1" in problems
     assert "not in the welcome ledger" in problems
+
+
+def test_disk_full_is_a_clear_error_naming_the_path(store, clock, monkeypatch):
+    import contextlib
+    import sqlite3
+
+    @contextlib.contextmanager
+    def full(*a, **k):
+        raise sqlite3.OperationalError("database or disk is full")
+        yield
+
+    monkeypatch.setattr(store.cache, "transact", full)
+    with pytest.raises(StoreError) as e:
+        store.put_leads("c", [lead()], clock())
+    assert store.path in str(e.value) and "disk full" in str(e.value) and "nothing was lost" in str(e.value)
+
+
+def test_a_corrupt_or_foreign_store_is_refused_with_the_path(tmp_path):
+    d = tmp_path / "d"
+    (d / "store").mkdir(parents=True)
+    (d / "store" / "cache.db").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError) as e:
+        DiskStore(str(d))
+    assert str(d / "store") in str(e.value)

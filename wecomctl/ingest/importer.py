@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wecomctl.errors import InputError
+from wecomctl.faults import crash_point
 from wecomctl.ingest.model import Blank, Lead, Reject
 from wecomctl.ingest.readers import ReadOptions, open_lead_file
 from wecomctl.pipeline.template import variables
@@ -175,6 +176,7 @@ class Importer:
                     fr.accepted += 1
             return
         res = self.store.put_leads(self.campaign, batch, self.clock())
+        crash_point("import.after_batch", os.path.dirname(self.store.path))
         fr.accepted += res.accepted
         fr.revived += res.revived
         fr.skipped += len(res.duplicates)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from wecomctl.errors import ApiError
+from wecomctl.faults import crash_point
 from wecomctl.pipeline.retry import Backoff
 from wecomctl.pipeline.template import InvalidMessage, render
 from wecomctl.store.base import Failure, Leased
@@ -87,14 +88,18 @@ def process(ctx: Context, item: Leased) -> str:
 
     def on_send() -> bool:
         # Intent before side effect, recorded at the last moment before the request leaves.
-        return ctx.store.mark_intent(item, ctx.clock())
+        marked = ctx.store.mark_intent(item, ctx.clock())
+        crash_point(f"{item.stage}.after_intent", ctx.settings.data_dir)
+        return marked
 
     try:
         if item.stage == "add":
             updates = provider.add(lead, ctx.clock(), on_send=on_send)
+            crash_point("add.after_call", ctx.settings.data_dir)
             ctx.store.complete(item, ctx.clock(), updates=updates, enqueue_next=True)
         else:
             status = provider.send(lead, text, ctx.clock(), on_send=on_send)
+            crash_point("welcome.after_call", ctx.settings.data_dir)
             ctx.store.complete(item, ctx.clock(), updates={"welcome_status": status})
         return "done"
     except LeaseLost:

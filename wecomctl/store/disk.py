@@ -34,6 +34,7 @@ from typing import Any, Iterator
 import diskcache
 
 from wecomctl.errors import StoreError
+from wecomctl.faults import crash_point
 from wecomctl.store.base import (
     STAGES,
     STATES,
@@ -438,6 +439,7 @@ class DiskStore:
                         continue
                     # A replay starts the item afresh; the welcome ledger still guards it.
                     self._move(c, fresh, st, "ready", now, attempts=0, deliveries=0)
+                crash_point("retry_dlq.after_move", str(Path(self.path).parent))
         return moved
 
     def check(self) -> list[str]:

@@ -1,0 +1,100 @@
+"""Killing a process at each dangerous instant loses nothing and greets nobody twice.
+
+The fault-injection hook (wecomctl/faults.py) SIGKILLs the first process to reach a named
+point, once per data dir; no sleeps decide where the kill lands.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from test_e2e import cli, make_leads
+from wecomctl import config as cfg
+from wecomctl.simulator import SimConfig, start_in_thread
+from wecomctl.store.disk import DiskStore
+
+
+def setup(tmp_path, handle, sc, provider="msg_template", n=20):
+    conf_data = yaml.safe_load(cfg.simulator_config(handle.url, sc))
+    conf_data["welcome"]["provider"] = provider
+    conf_data["run"].update(workers=1, concurrency=1, lease_s=30)  # one call in flight: one lost outcome
+    conf = tmp_path / "c.yaml"
+    conf.write_text(yaml.safe_dump(conf_data, allow_unicode=True), encoding="utf-8")
+    data = str(tmp_path / "d")
+    leads = tmp_path / "l.csv"
+    make_leads(leads, n_valid=n, n_invalid=0, n_unknown=0, n_dupes=0)
+    cli("import", str(leads), "--campaign", "k", "--config", str(conf), "--data-dir", data)
+    return str(conf), data
+
+
+@pytest.mark.parametrize("point, provider", [
+    ("add.after_intent", "msg_template"),
+    ("add.after_call", "msg_template"),
+    ("welcome.after_intent", "msg_template"),
+    ("welcome.after_call", "msg_template"),
+    ("welcome.after_call", "gateway"),
+])
+def test_worker_killed_at_a_crash_point(tmp_path, point, provider):
+    sc = SimConfig(latency_ms=5)
+    with start_in_thread(sc) as handle:
+        conf, data = setup(tmp_path, handle, sc, provider)
+        proc = cli("run", "--config", conf, "--data-dir", data, "--json", check=False,
+                   env={"WECOMCTL_CRASH_AT": point})
+        stats = handle.stats()
+    assert os.path.exists(os.path.join(data, f".crashed-{point}"))  # the kill happened
+    result = json.loads(proc.stdout)
+    assert any("killed by signal 9" in e for e in result["worker_errors"])  # replaced, and said so
+    assert proc.returncode == 0, proc.stderr
+    check = json.loads(cli("check", "--json", "--config", conf, "--data-dir", data).stdout)
+    assert check["ok"], check["problems"]
+    st = check["stages"]
+    assert st["add"]["done"] == 20 and st["welcome"]["done"] == 20 and st["welcome"]["dead"] == 0
+    assert stats["welcomes"] == 20 and stats["duplicate_welcomes"] == 0 and stats["adds"] == 20
+    if point == "welcome.after_call":
+        store = DiskStore(data)
+        statuses = [lead["welcome_status"] for lead in store.leads()]
+        store.close()
+        assert statuses.count("already_sent") == 1  # the one whose outcome the kill lost
+
+
+def test_import_killed_mid_way_then_run_again_gives_the_same_queue(tmp_path):
+    leads = tmp_path / "l.csv"
+    make_leads(leads, n_valid=2500, n_invalid=0, n_unknown=0, n_dupes=0)
+    args = ["import", str(leads), "--campaign", "k", "--data-dir"]
+    killed = cli(*args, str(tmp_path / "a"), check=False, env={"WECOMCTL_CRASH_AT": "import.after_batch"})
+    assert killed.returncode == -signal.SIGKILL
+    partial = DiskStore(str(tmp_path / "a"))
+    assert partial.counts()["k"]["imported"] == 1000  # one batch committed, nothing half-written
+    partial.close()
+    cli(*args, str(tmp_path / "a"))
+    cli(*args, str(tmp_path / "b"))  # an uninterrupted import
+    a, b = DiskStore(str(tmp_path / "a")), DiskStore(str(tmp_path / "b"))
+    key = lambda s: [(x["id"], x["phone"], x["owner"], x["add"]["state"]) for x in s.leads()]  # noqa: E731
+    assert key(a) == key(b) and len(key(a)) == 2500
+    assert a.check() == [] and a.counts()["k"]["stages"] == b.counts()["k"]["stages"]
+    a.close(), b.close()
+
+
+def test_retry_dlq_killed_mid_way_then_run_again_moves_the_rest(tmp_path):
+    from wecomctl.store.base import Failure
+
+    data = str(tmp_path / "d")
+    leads = tmp_path / "l.csv"
+    make_leads(leads, n_valid=5, n_invalid=0, n_unknown=0, n_dupes=0)
+    cli("import", str(leads), "--campaign", "k", "--data-dir", data)
+    store = DiskStore(data)
+    for _ in range(5):
+        store.bury(store.lease("add", 10, 0), Failure(60111, "x", "dead"), 0)
+    store.close()
+    killed = cli("retry-dlq", "--data-dir", data, check=False, env={"WECOMCTL_CRASH_AT": "retry_dlq.after_move"})
+    assert killed.returncode == -signal.SIGKILL
+    again = cli("retry-dlq", "--data-dir", data, "--json")
+    assert json.loads(again.stdout)["moved"] == 4
+    store = DiskStore(data)
+    assert store.check() == [] and store.counts()["k"]["stages"]["add"]["ready"] == 5
+    store.close()
