@@ -1,3 +1,4 @@
+import contextlib
 import os
 import tempfile
 
@@ -35,3 +36,14 @@ def store(tmp_path):
 
 def lead(phone="+8613800138000", name="张三", owner="zhangsan", **fields):
     return NewLead(phone, name, owner, dict(fields), "test.csv", 1)
+
+
+class NoLimit:
+    """A limiter that never waits (for tests of the HTTP boundary)."""
+
+    def acquire(self, api, should_stop=None):
+        return True
+
+    @contextlib.contextmanager
+    def hold(self, api, should_stop=None):
+        yield

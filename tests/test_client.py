@@ -4,6 +4,8 @@ import json
 
 import httpx
 import pytest
+
+from conftest import NoLimit
 import respx
 
 from wecomctl.config import Secret
@@ -15,10 +17,6 @@ from wecomctl.wecom.token import TokenCache
 BASE = "http://wecom.test"
 SECRET = "s3cr3t-value-123"
 
-
-class NoLimit:
-    def acquire(self, api, should_stop=lambda: False):
-        return True
 
 
 def make_client(tmp_path, clock):

@@ -263,3 +263,44 @@ def test_two_runs_with_different_data_dirs_share_one_rate_limit(tmp_path):
     assert codes == [0, 0], [p.stderr.read() for p in procs]
     assert stats["welcomes"] == 200 and stats["duplicate_welcomes"] == 0
     assert not any("45009" in errs for errs in stats["errors"].values())
+
+
+@pytest.mark.parametrize("configured_cap", [True, False])
+def test_concurrency_cap_fleet_wide_and_aimd_on_45033(tmp_path, configured_cap):
+    sc = SimConfig(max_concurrency=3, latency_ms=30)
+    with start_in_thread(sc) as handle:
+        conf_data = yaml.safe_load(cfg.simulator_config(handle.url, sc))
+        if not configured_cap:  # WeCom does not publish its cap: learn it from 45033
+            for lim in conf_data["limits"].values():
+                lim.pop("max_concurrency", None)
+        conf = tmp_path / "c.yaml"
+        conf.write_text(yaml.safe_dump(conf_data, allow_unicode=True), encoding="utf-8")
+        data = str(tmp_path / "d")
+        leads = tmp_path / "l.csv"
+        make_leads(leads, n_valid=80, n_invalid=0, n_unknown=0, n_dupes=0)
+        cli("import", str(leads), "--campaign", "m", "--config", str(conf), "--data-dir", data)
+        proc = cli("run", "--config", str(conf), "--data-dir", data, "--workers", "2", check=False)
+        stats = handle.stats()
+    assert proc.returncode == 0, proc.stderr
+    assert stats["welcomes"] == 80 and stats["duplicate_welcomes"] == 0
+    refused = sum(errs.get("45033", 0) for errs in stats["errors"].values())
+    if configured_cap:
+        assert refused == 0 and max(stats["max_in_flight"].values()) <= 3
+    else:
+        assert refused > 0  # learnt the hard way, and nothing was dead-lettered for it
+
+
+def test_status_shows_an_active_fleet_pause(tmp_path):
+    from wecomctl.pipeline.worker import make_limiter
+
+    conf = tmp_path / "c.yaml"
+    conf.write_text(cfg.simulator_config("http://127.0.0.1:9", SimConfig()), encoding="utf-8")
+    data = str(tmp_path / "d")
+    leads = tmp_path / "l.csv"
+    make_leads(leads, n_valid=1, n_invalid=0, n_unknown=0, n_dupes=0)
+    cli("import", str(leads), "--campaign", "p", "--config", str(conf), "--data-dir", data)
+    import time
+    make_limiter(cfg.load(str(conf), data)).pause("add_by_phone", time.time() + 600)
+    st = json.loads(cli("status", "--json", "--config", str(conf), "--data-dir", data).stdout)
+    assert 500 < st["pauses"]["add_by_phone"] <= 600
+    assert "paused: add_by_phone" in cli("status", "--config", str(conf), "--data-dir", data).stdout

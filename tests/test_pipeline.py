@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import lead
+from conftest import NoLimit, lead
 from wecomctl.config import RetrySettings, Settings
 from wecomctl.errors import ApiError
 from wecomctl.pipeline.handlers import Context, FatalStop, process
@@ -64,6 +64,9 @@ class FakeLimiter:
 
     def paused_until(self, api):
         return self.paused.get(api, 0.0)
+
+    def congested(self, api):
+        self.congestions = getattr(self, "congestions", 0) + 1
 
 
 def ctx_for(store, clock, add=None, welcome=None, text="您好{name}"):
@@ -269,7 +272,7 @@ def test_intent_is_recorded_after_the_rate_wait_and_before_the_request(store, cl
     item = store.lease("welcome", 30, clock())
     seen = {}
 
-    class Limiter:
+    class Limiter(NoLimit):
         def acquire(self, api, should_stop=None):
             seen["at_acquire"] = store.lead(item.id)["welcome"].get("intent")
             return True

@@ -6,16 +6,14 @@ import time
 import httpx
 import pytest
 
+from conftest import NoLimit
+
 from wecomctl.config import Secret
 from wecomctl.simulator import SimConfig, start_in_thread
 from wecomctl.wecom.client import GatewayClient, HttpApi, WecomClient
 from wecomctl.wecom.providers import GatewayAdd, GatewayWelcome, MsgTemplateWelcome
 from wecomctl.wecom.token import TokenCache
 
-
-class NoLimit:
-    def acquire(self, api, should_stop=None):
-        return True
 
 
 @pytest.fixture

@@ -93,3 +93,90 @@ def test_processes_share_one_limit(tmp_path):
     assert len(times) == 240
     # sleep overshoot only makes calls later; the reservation spacing holds the window
     assert most_in_any_window(times, 1.0) <= 200 + 2
+
+
+def test_45033_halves_the_cap_fleet_wide_and_it_grows_back(tmp_path, clock):
+    from wecomctl.ratelimit.limiter import AIMD_STEP_S
+
+    lim = make(tmp_path, clock, max_concurrency=8)
+    other = RateLimiter(FileLimiterBackend(str(tmp_path / "limits")), lim.limits, clock=clock, sleep=clock.sleep)
+    assert lim.cap("api") == 8
+    assert lim.congested("api") == 4
+    assert other.congested("api") == 4  # the same burst of 45033 halves once
+    assert other.cap("api") == 4  # another process sees it
+    clock.t += 1.5
+    assert other.congested("api") == 2
+    for expected in (3, 4, 5, 6, 7, 8, 8):
+        clock.t += AIMD_STEP_S
+        assert lim.cap("api") == expected  # additive increase, up to the configured cap
+
+
+def test_without_a_configured_cap_45033_starts_one(tmp_path, clock):
+    from wecomctl.ratelimit.limiter import AIMD_START, AIMD_STEP_S
+
+    lim = make(tmp_path, clock)
+    assert lim.cap("api") == 0
+    assert lim.congested("api") == AIMD_START // 2
+    for _ in range(AIMD_START):
+        clock.t += AIMD_STEP_S
+        lim.cap("api")
+    assert lim.cap("api") == 0  # recovered: no cap again
+
+
+def _hold_slot(directory, q, hold_s):
+    lim = RateLimiter(FileLimiterBackend(directory), {"api": Limit(max_concurrency=2)})
+    with lim.hold("api"):
+        q.put(("in", time.time()))
+        time.sleep(hold_s)
+        q.put(("out", time.time()))
+
+
+def test_concurrency_slots_are_shared_by_processes_and_freed_by_death(tmp_path):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    directory = str(tmp_path / "l")
+    procs = [ctx.Process(target=_hold_slot, args=(directory, q, 0.3)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    events = sorted((q.get(timeout=30) for _ in range(8)), key=lambda e: e[1])
+    for p in procs:
+        p.join()
+    inside = peak = 0
+    for kind, _ in events:
+        inside += 1 if kind == "in" else -1
+        peak = max(peak, inside)
+    assert peak == 2
+    # a holder that is killed frees its slot: the kernel drops its lock
+    killed = ctx.Process(target=_hold_slot, args=(directory, q, 60))
+    killed.start()
+    assert q.get(timeout=30)[0] == "in"
+    killed.kill()
+    killed.join()
+    lim = RateLimiter(FileLimiterBackend(directory), {"api": Limit(max_concurrency=1)})
+    with lim.hold("api"):
+        pass
+
+
+def _token_get(directory, fetched_path, out):
+    from wecomctl.wecom.token import TokenCache
+
+    def fetch():
+        with open(fetched_path, "a") as fh:  # count real fetches across processes
+            fh.write("x")
+        time.sleep(0.3)  # a slow gettoken: the others must wait, not fetch too
+        return "T", 7200
+
+    out.put(TokenCache(directory, "ww", "scope", 60, fetch).get())
+
+
+def test_token_refresh_is_single_flight_across_processes(tmp_path):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    fetched = tmp_path / "fetched"
+    procs = [ctx.Process(target=_token_get, args=(str(tmp_path / "tok"), str(fetched), q)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    tokens = [q.get(timeout=30) for _ in procs]
+    for p in procs:
+        p.join()
+    assert tokens == ["T"] * 4 and fetched.read_text() == "x"

@@ -192,6 +192,25 @@ def _open_existing(config, data_dir):
     return s, open_store(s, create=False)
 
 
+def _throttles(s) -> tuple[dict, dict]:
+    """Active fleet-wide pauses (seconds left) and lowered concurrency caps, per API."""
+    import time
+
+    from wecomctl.config import APIS
+    from wecomctl.pipeline.worker import make_limiter
+
+    lim = make_limiter(s)
+    now = time.time()
+    pauses = {api: round(lim.paused_until(api) - now, 1) for api in APIS if lim.paused_until(api) > now}
+    caps = {}
+    for api in APIS:
+        cap = lim.cap(api)
+        configured = s.limits[api].max_concurrency if api in s.limits else 0
+        if cap and cap != configured:
+            caps[api] = cap
+    return pauses, caps
+
+
 def status_data(counts: dict, campaign: Optional[str]) -> dict:
     from wecomctl.report.progress import totals
 
@@ -222,6 +241,7 @@ def status(
         data = status_data(counts, campaign)
         fatal = store.get_flag("fatal")
         store.close()
+        data["pauses"], data["caps"] = _throttles(s)
     except WecomctlError as exc:
         _fail(exc)
     data["fatal"] = fatal
@@ -237,6 +257,10 @@ def status(
     for stage, row in data["stages"].items():
         t.add_row(stage, *[str(row[c]) for c in cols])
     out.print(t)
+    for api, left in data["pauses"].items():
+        out.print(f"[yellow]paused:[/] {api} for {left:.0f}s more (WeCom answered 45009; every process waits)")
+    for api, cap in data["caps"].items():
+        out.print(f"[yellow]throttled:[/] {api} at most {cap} calls in flight (after 45033)")
     if fatal:
         err.print(f"[red]last run stopped:[/] {fatal['error']}")
 

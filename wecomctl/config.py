@@ -88,6 +88,9 @@ class Limit:
     # How long WeCom blocks the API after a 45009: the rest of the window (60 s for a
     # minute limit). The whole fleet pauses that API this long; no attempt is used.
     block_s: float = 60.0
+    # Calls in flight at once for this API across all processes (0 = no cap). WeCom does
+    # not publish its cap: on 45033 the fleet halves its cap and adds one back every 5 s.
+    max_concurrency: int = 0
 
     def windows(self) -> list[tuple[int, float]]:
         out = []
@@ -283,8 +286,6 @@ def simulator_config(url: str, sim) -> str:
     """A complete config for the simulator at `url`, with limits at or under its own."""
     per_second = sim.rate_limit or 0
     concurrency = 8
-    if sim.max_concurrency:
-        concurrency = max(1, min(concurrency, sim.max_concurrency))
     lines = [
         "# wecomctl config for the local simulator (written by `wecomctl simulate --write-config`).",
         "# The secret and key below are the simulator's throwaway ones; for real WeCom, leave them",
@@ -304,8 +305,7 @@ def simulator_config(url: str, sim) -> str:
         "  text: '您好{name}，我是您的专属顾问，很高兴为您服务。'",
         f"staff: [{', '.join(sim.staff)}]",
         "run:",
-        # One process keeps every call under the simulator's per-API concurrency cap.
-        f"  workers: {1 if sim.max_concurrency else 2}",
+        "  workers: 2",
         f"  concurrency: {concurrency}",
         "retry:",
         "  base_delay_s: 0.5",
@@ -319,5 +319,7 @@ def simulator_config(url: str, sim) -> str:
             # a wider guard keeps the fixed-window simulator from ever seeing limit+1.
             lines += [f"  {api}:", f"    per_second: {per_second}", "    guard_ms: 50", f"    block_s: {sim.rate_window_s}"]
         else:
-            lines += [f"  {api}: {{}}"]
+            lines += [f"  {api}:", "    per_second: 0"]
+        if sim.max_concurrency:
+            lines += [f"    max_concurrency: {sim.max_concurrency}"]
     return "\n".join(lines) + "\n"

@@ -152,6 +152,7 @@ def _failed(ctx: Context, item: Leased, exc: ApiError) -> str:
             ctx.limiter.pause(exc.api, until)
             due = until
         else:
+            ctx.limiter.congested(exc.api)  # 45033: fewer calls in flight, fleet-wide
             due = now + THROTTLE_RETRY_S
         ctx.store.retry(item, due, failure, now, count_attempt=False)
         return "throttled"

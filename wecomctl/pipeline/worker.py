@@ -43,7 +43,8 @@ def open_store(settings: Settings, create: bool = True) -> DiskStore:
                      max_deliveries=settings.run.max_deliveries, create=create)
 
 
-def build_context(settings: Settings, store, stop: threading.Event, clock=time.time) -> Context:
+def make_limiter(settings: Settings, clock=time.time) -> RateLimiter:
+    """The machine-wide limiter for this config's corp and gateway."""
     shared = Path(settings.run.shared_path())
     wecom_scope = _scope(settings.wecom.base_url, settings.wecom.corp_id)
     gateway_scope = _scope(settings.gateway.base_url)
@@ -52,7 +53,13 @@ def build_context(settings: Settings, store, stop: threading.Event, clock=time.t
         backend = FileLimiterBackend(str(shared / "limits"))
     except OSError as exc:
         raise StoreError(f"cannot use the shared dir {shared}: {exc.strerror or exc} (set run.shared_dir)") from None
-    limiter = RateLimiter(backend, settings.limits, clock=clock, scopes=scopes)
+    return RateLimiter(backend, settings.limits, clock=clock, scopes=scopes)
+
+
+def build_context(settings: Settings, store, stop: threading.Event, clock=time.time) -> Context:
+    shared = Path(settings.run.shared_path())
+    wecom_scope = _scope(settings.wecom.base_url, settings.wecom.corp_id)
+    limiter = make_limiter(settings, clock)
     timeout = max(settings.wecom.timeout_s, settings.gateway.timeout_s)
     pool = settings.run.concurrency + 2
     http = httpx.Client(timeout=timeout, limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool))

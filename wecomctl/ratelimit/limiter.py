@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+from contextlib import contextmanager
 import struct
 import threading
 import time
@@ -63,6 +64,21 @@ class FileLimiterBackend:
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
 
+    def try_slot(self, api: str, i: int) -> int | None:
+        """Take concurrency slot i of `api` if free: an flock on its own open file. The
+        kernel drops it when the holder exits, so a killed worker never leaks a slot."""
+        fd = os.open(self.dir / f"{api}.slot{i}", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    @staticmethod
+    def free_slot(fd: int) -> None:
+        os.close(fd)  # closing drops the lock
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
@@ -76,9 +92,18 @@ class _Scoped:
     def __init__(self, backend, scopes: dict[str, str]):
         self.backend, self.scopes = backend, scopes
 
+    def _key(self, api: str) -> str:
+        scope = self.scopes.get(api.split("#", 1)[0])
+        return f"{scope}.{api}" if scope else api
+
     def update(self, api, n, fn):
-        scope = self.scopes.get(api)
-        return self.backend.update(f"{scope}.{api}" if scope else api, n, fn)
+        return self.backend.update(self._key(api), n, fn)
+
+    def try_slot(self, api, i):
+        return self.backend.try_slot(self._key(api), i)
+
+    def free_slot(self, fd):
+        self.backend.free_slot(fd)
 
 
 class RateLimiter:
@@ -139,3 +164,76 @@ class RateLimiter:
         limit = self.limits.get(api)
         n = len(limit.windows()) if limit else 0
         return self.backend.update(api, n, lambda s: (s, s[0]))
+
+    # -- concurrency (45033) ---------------------------------------------------------------
+    # Each API may have max_concurrency calls in flight across the fleet. The cap in force
+    # adapts AIMD-style: a 45033 halves it for every process, and each AIMD_STEP_S without
+    # one adds one back, up to max_concurrency. Shared state: [cap, last change].
+
+    def cap(self, api: str) -> int:
+        """The concurrency cap in force for `api` (0 = none)."""
+        limit = self.limits.get(api)
+        configured = limit.max_concurrency if limit else 0
+        now = self.clock()
+
+        def step(st):
+            cap, changed = st
+            if cap <= 0:
+                return st, configured
+            if now - changed >= AIMD_STEP_S and (configured == 0 or cap < configured):
+                grown = cap + 1
+                if configured == 0 and grown >= AIMD_START:
+                    return [0.0, now], 0  # recovered fully: no cap again
+                return [grown, now], int(grown)
+            return st, int(cap)
+
+        return int(self.backend.update(f"{api}#aimd", 1, step))
+
+    def congested(self, api: str) -> int:
+        """WeCom answered 45033: halve the cap for the whole fleet. Returns the new cap."""
+        limit = self.limits.get(api)
+        configured = limit.max_concurrency if limit else 0
+        now = self.clock()
+
+        def step(st):
+            cap, changed = st
+            base = cap if cap > 0 else (configured or AIMD_START)
+            if cap > 0 and now - changed < AIMD_HOLD_S:
+                return st, int(cap)  # one burst of 45033 from many callers halves once
+            new = max(1.0, float(int(base) // 2))
+            return [new, now], int(new)
+
+        return int(self.backend.update(f"{api}#aimd", 1, step))
+
+    @contextmanager
+    def hold(self, api: str, should_stop: Callable[[], bool] = lambda: False):
+        """Hold one of the API's concurrency slots for the duration of a call."""
+        cap = self.cap(api)
+        if cap <= 0:
+            yield
+            return
+        fd = None
+        while fd is None:
+            for i in range(cap):
+                fd = self.backend.try_slot(api, i)
+                if fd is not None:
+                    break
+            else:
+                if should_stop():
+                    raise SlotWaitStopped(api)
+                self.sleep(SLOT_POLL_S)
+                cap = self.cap(api)
+        try:
+            yield
+        finally:
+            self.backend.free_slot(fd)
+
+
+class SlotWaitStopped(Exception):
+    """Shutdown while waiting for a concurrency slot."""
+
+
+AIMD_START = 16  # the cap a 45033 halves when none is configured
+AIMD_STEP_S = 5.0  # additive increase: one more slot per this many seconds
+AIMD_HOLD_S = 1.0  # 45033s within this of a decrease do not halve again
+SLOT_POLL_S = 0.02

@@ -15,6 +15,7 @@ import httpx
 
 from wecomctl.config import Secret
 from wecomctl.errors import ApiError, ConfigError, NetworkError
+from wecomctl.ratelimit.limiter import SlotWaitStopped
 from wecomctl.wecom import errcodes
 
 
@@ -57,7 +58,10 @@ class HttpApi:
             content = json.dumps(body, ensure_ascii=False).encode("utf-8")
             hdrs["Content-Type"] = "application/json; charset=utf-8"
         try:
-            resp = self.http.request(method, url, params=params, content=content, headers=hdrs)
+            with self.limiter.hold(api, self.should_stop):
+                resp = self.http.request(method, url, params=params, content=content, headers=hdrs)
+        except SlotWaitStopped:
+            raise NetworkError(api, "stopped while waiting for a concurrency slot") from None
         except httpx.HTTPError as exc:
             msg = redact(f"{type(exc).__name__}: {exc}", self.secrets)
             # Only a failure to connect proves the request never left.
