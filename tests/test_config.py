@@ -52,5 +52,5 @@ def test_simulator_config_is_complete_and_loads(tmp_path):
     assert s.wecom.base_url == s.gateway.base_url == "http://127.0.0.1:1234"
     assert s.corp_secret().get() == sc.corp_secret and s.gateway_key().get() == sc.gateway_key
     assert all(lim.per_second == 30 for lim in s.limits.values())
-    assert s.run.workers * s.run.concurrency <= 4
+    assert all(lim.max_concurrency == 4 for lim in s.limits.values())
     assert s.staff == list(sc.staff)
