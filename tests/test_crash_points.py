@@ -19,10 +19,10 @@ from wecomctl.simulator import SimConfig, start_in_thread
 from wecomctl.store.disk import DiskStore
 
 
-def setup(tmp_path, handle, sc, provider="msg_template", n=20):
+def setup(tmp_path, handle, sc, provider="msg_template", n=20, concurrency=1):
     conf_data = yaml.safe_load(cfg.simulator_config(handle.url, sc))
     conf_data["welcome"]["provider"] = provider
-    conf_data["run"].update(workers=1, concurrency=1, lease_s=30)  # one call in flight: one lost outcome
+    conf_data["run"].update(workers=1, concurrency=concurrency, lease_s=30)  # 1: one call in flight, one lost outcome
     conf = tmp_path / "c.yaml"
     conf.write_text(yaml.safe_dump(conf_data, allow_unicode=True), encoding="utf-8")
     data = str(tmp_path / "d")
@@ -98,3 +98,73 @@ def test_retry_dlq_killed_mid_way_then_run_again_moves_the_rest(tmp_path):
     store = DiskStore(data)
     assert store.check() == [] and store.counts()["k"]["stages"]["add"]["ready"] == 5
     store.close()
+
+
+def _wait_gone(pids, timeout=30):
+    import time
+    end = time.time() + timeout
+    while time.time() < end:
+        alive = [p for p in pids if os.path.exists(f"/proc/{p}") and "zombie" not in open(f"/proc/{p}/status").read()]
+        if not alive:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"workers still running: {alive}")
+
+
+def test_run_parent_killed_workers_stop_and_the_next_run_finishes(tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    from chaos import children
+
+    sc = SimConfig(latency_ms=20)
+    with start_in_thread(sc) as handle:
+        conf, data = setup(tmp_path, handle, sc, n=60, concurrency=4)
+        env = {**os.environ, "WECOMCTL_CRASH_AT": "run.parent"}
+        run = subprocess.Popen([sys.executable, "-m", "wecomctl", "run", "--config", conf, "--data-dir", data],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        workers = []
+        while run.poll() is None:
+            workers = children(run.pid) or workers
+        assert run.returncode == -signal.SIGKILL
+        _wait_gone(workers)  # orphaned workers notice their run is gone and stop
+        again = cli("run", "--config", conf, "--data-dir", data, "--json", check=False)
+        stats = handle.stats()
+    assert again.returncode == 0, again.stderr
+    check = json.loads(cli("check", "--json", "--config", conf, "--data-dir", data).stdout)
+    assert check["ok"], check["problems"]
+    assert check["stages"]["welcome"]["done"] == 60 and stats["duplicate_welcomes"] == 0
+
+
+@pytest.mark.parametrize("signals, code, words", [
+    ([signal.SIGTERM], 143, "in-flight calls were finished and recorded"),
+    ([signal.SIGINT], 130, "in-flight calls were finished and recorded"),
+    ([signal.SIGINT, signal.SIGINT], 130, "stopped at once"),
+])
+def test_shutdown_by_signal(tmp_path, signals, code, words):
+    import time
+
+    sc = SimConfig(latency_ms=300)  # calls in flight take long enough for a second signal to land
+    with start_in_thread(sc) as handle:
+        conf, data = setup(tmp_path, handle, sc, n=80, concurrency=8)
+        run = subprocess.Popen([sys.executable, "-m", "wecomctl", "run", "--config", conf, "--data-dir", data,
+                                "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        store = DiskStore(data)
+        while store.counts()["k"]["stages"]["add"]["done"] < 3:  # wait until it is working
+            time.sleep(0.05)
+        store.close()
+        for sig in signals:  # apart: the kernel merges a signal sent while one is pending
+            run.send_signal(sig)
+            time.sleep(0.05)
+        out, err = run.communicate(timeout=60)
+        assert run.returncode == code and words in err, err
+        summary = json.loads(out)
+        assert summary["exit_code"] == code
+        if len(signals) == 1:
+            # a graceful stop leaves nothing leased: every call in hand was recorded
+            st = json.loads(cli("status", "--json", "--config", conf, "--data-dir", data).stdout)["stages"]
+            assert st["add"]["leased"] == 0 and st["welcome"]["leased"] == 0
+        again = cli("run", "--config", conf, "--data-dir", data, check=False)
+        stats = handle.stats()
+    assert again.returncode == 0, again.stderr
+    check = json.loads(cli("check", "--json", "--config", conf, "--data-dir", data).stdout)
+    assert check["ok"] and check["stages"]["welcome"]["done"] == 80
+    assert stats["duplicate_welcomes"] == 0

@@ -304,3 +304,48 @@ def test_status_shows_an_active_fleet_pause(tmp_path):
     st = json.loads(cli("status", "--json", "--config", str(conf), "--data-dir", data).stdout)
     assert 500 < st["pauses"]["add_by_phone"] <= 600
     assert "paused: add_by_phone" in cli("status", "--config", str(conf), "--data-dir", data).stdout
+
+
+def test_two_runs_on_one_data_dir_share_the_work(tmp_path):
+    """Overlapping cron runs: each item is leased by one worker; each run reports its own."""
+    sc = SimConfig(latency_ms=20)
+    with start_in_thread(sc) as handle:
+        conf = tmp_path / "c.yaml"
+        conf.write_text(cfg.simulator_config(handle.url, sc), encoding="utf-8")
+        data = str(tmp_path / "d")
+        leads = tmp_path / "l.csv"
+        make_leads(leads, n_valid=150, n_invalid=0, n_unknown=0, n_dupes=0)
+        cli("import", str(leads), "--campaign", "o", "--config", str(conf), "--data-dir", data)
+        procs = [subprocess.Popen([sys.executable, "-m", "wecomctl", "run", "--config", str(conf), "--data-dir", data,
+                                   "--workers", "1", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+        results = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+        stats = handle.stats()
+    assert [r["exit_code"] for r in results] == [0, 0]
+    assert sum(r["this_run"]["added"] for r in results) == 150  # each counted its own work
+    assert sum(r["this_run"]["welcomed"] for r in results) == 150
+    assert stats["welcomes"] == 150 and stats["duplicate_welcomes"] == 0 and stats["adds"] == 150
+    check = json.loads(cli("check", "--json", "--config", str(conf), "--data-dir", data).stdout)
+    assert check["ok"], check["problems"]
+
+
+def test_one_customer_in_two_campaigns_gets_one_welcome_per_campaign(tmp_path):
+    sc = SimConfig()
+    with start_in_thread(sc) as handle:
+        conf = tmp_path / "c.yaml"
+        conf.write_text(cfg.simulator_config(handle.url, sc), encoding="utf-8")
+        data = str(tmp_path / "d")
+        leads = tmp_path / "l.csv"
+        make_leads(leads, n_valid=20, n_invalid=0, n_unknown=0, n_dupes=0)
+        for campaign in ("spring", "summer"):
+            cli("import", str(leads), "--campaign", campaign, "--config", str(conf), "--data-dir", data)
+        cli("run", "--config", str(conf), "--data-dir", data)
+        cli("retry-dlq", "--config", str(conf), "--data-dir", data)  # a replay changes nothing
+        cli("run", "--config", str(conf), "--data-dir", data)
+        stats = handle.stats()
+    assert stats["welcomes"] == 40 and stats["recipients"] == 20  # 20 customers, 2 campaigns
+    rows = list(csv.DictReader(io.StringIO(cli("export", "--config", str(conf), "--data-dir", data).stdout.lstrip("\ufeff"))))
+    per = {}
+    for r in rows:
+        per.setdefault(r["external_userid"], []).append((r["campaign"], r["welcome_status"]))
+    assert len(per) == 20 and all(sorted(v) == [("spring", "task_created"), ("summer", "task_created")] for v in per.values())

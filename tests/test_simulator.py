@@ -344,3 +344,25 @@ def test_start_process_serves_and_stops():
         assert sim.stats()["adds"] == 1
     with pytest.raises(httpx.TransportError):
         httpx.get(sim.url + "/_sim/stats", trust_env=False, timeout=2)
+
+
+def test_sliding_rate_mode_bounds_every_window():
+    from wecomctl.simulator import SimConfig, SimState
+
+    t = [100.0]
+    st = SimState(SimConfig(rate_limit=3, rate_mode="sliding", block_s=0.0), now=lambda: t[0])
+
+    def call():
+        ticket, code = st.begin("send_text")
+        st.finish(ticket, code or None)
+        return code
+
+    # 3 calls late in one aligned second and 1 early in the next: fixed windows allow it,
+    # a sliding window does not.
+    for at in (100.7, 100.8, 100.9):
+        t[0] = at
+        assert call() == 0
+    t[0] = 101.1
+    assert call() == 45009
+    t[0] = 101.75
+    assert call() == 0  # 100.7 has left the window

@@ -170,19 +170,21 @@ def test_check_passes_on_a_healthy_store_and_finds_damage(store, clock):
     assert "not in the welcome ledger" in problems
 
 
-def test_disk_full_is_a_clear_error_naming_the_path(store, clock, monkeypatch):
+@pytest.mark.parametrize("sqlite_says", ["database or disk is full", "attempt to write a readonly database"])
+def test_disk_full_or_read_only_is_a_clear_error_naming_the_path(store, clock, monkeypatch, sqlite_says):
     import contextlib
     import sqlite3
 
     @contextlib.contextmanager
-    def full(*a, **k):
-        raise sqlite3.OperationalError("database or disk is full")
+    def failing(*a, **k):
+        raise sqlite3.OperationalError(sqlite_says)
         yield
 
-    monkeypatch.setattr(store.cache, "transact", full)
+    monkeypatch.setattr(store.cache, "transact", failing)
     with pytest.raises(StoreError) as e:
         store.put_leads("c", [lead()], clock())
-    assert store.path in str(e.value) and "disk full" in str(e.value) and "nothing was lost" in str(e.value)
+    msg = str(e.value)
+    assert store.path in msg and sqlite_says in msg and "read-only" in msg and "nothing was lost" in msg
 
 
 def test_a_corrupt_or_foreign_store_is_refused_with_the_path(tmp_path):

@@ -168,11 +168,12 @@ def _print_run_summary(result, as_json: bool) -> None:
         print(json.dumps({"exit_code": result.exit_code, "elapsed_s": round(result.elapsed, 3),
                           "this_run": this, "stages": rows, "fatal": result.fatal,
                           "worker_errors": result.worker_errors}, ensure_ascii=False))
-        return
-    a, w = rows["add"], rows["welcome"]
-    out.print(f"run finished in {result.elapsed:.1f}s: this run added {this['added']}, welcomed {this['welcomed']}, "
-              f"dead-lettered {this['dead']}; in all: added {a['done']}, welcomed {w['done']}, dead {a['dead'] + w['dead']}, "
-              f"still queued {a['ready'] + a['delayed'] + a['leased'] + w['ready'] + w['delayed'] + w['leased']}", highlight=False)
+    else:
+        a, w = rows["add"], rows["welcome"]
+        out.print(f"run finished in {result.elapsed:.1f}s: this run added {this['added']}, welcomed {this['welcomed']}, "
+                  f"dead-lettered {this['dead']}; in all: added {a['done']}, welcomed {w['done']}, dead {a['dead'] + w['dead']}, "
+                  f"still queued {a['ready'] + a['delayed'] + a['leased'] + w['ready'] + w['delayed'] + w['leased']}", highlight=False)
+    # What needs a person's attention goes to stderr, with or without --json.
     if result.fatal:
         err.print(f"[red]stopped:[/] {result.fatal['error']} — fix it, then run again; the items are still queued.", highlight=False)
     if result.interrupted and result.forced:
@@ -390,6 +391,7 @@ def simulate(
     port: int = typer.Option(0, "--port", min=0, max=65535, help="Port on 127.0.0.1 (0 = pick a free one and print it)."),
     latency_ms: float = typer.Option(0.0, "--latency-ms", help="Added latency per call."),
     rate_limit: int = typer.Option(0, "--rate-limit", help="Calls per second per API (0 = none); beyond it 45009 until the window ends."),
+    rate_mode: str = typer.Option("fixed", "--rate-mode", help="fixed: windows aligned to the clock (WeCom's block semantics); sliding: no window anywhere may exceed the limit."),
     max_concurrency: int = typer.Option(0, "--max-concurrency", help="Calls in flight per API (0 = none); beyond it 45033."),
     busy_rate: float = typer.Option(0.0, "--busy-rate", help="Share of calls answered -1 'system busy' (0..1)."),
     token_ttl: float = typer.Option(7200.0, "--token-ttl", help="Access token lifetime in seconds (then 42001)."),
@@ -410,7 +412,7 @@ def simulate(
         sc = SimConfig.from_yaml(sim_config) if sim_config else SimConfig()
     except WecomctlError as exc:
         _fail(exc)
-    sc.port, sc.latency_ms, sc.rate_limit = port, latency_ms, rate_limit
+    sc.port, sc.latency_ms, sc.rate_limit, sc.rate_mode = port, latency_ms, rate_limit, rate_mode
     sc.max_concurrency, sc.busy_rate, sc.token_ttl_s, sc.seed = max_concurrency, busy_rate, token_ttl, seed
     if staff:
         sc.staff = tuple(x.strip() for x in staff.split(",") if x.strip())

@@ -313,11 +313,17 @@ def simulator_config(url: str, sim) -> str:
     ]
     lines.append("limits:  # per API; the simulator's own limit" if per_second else
                  "limits:  # the simulator has no rate limit, so neither does this config")
+    window = {1.0: "per_second", 60.0: "per_minute", 3600.0: "per_hour"}.get(float(sim.rate_window_s))
+    count = per_second
+    if per_second and window is None:  # an odd window: the per-second rate at or under it
+        window, count = "per_second", max(1, int(per_second / sim.rate_window_s))
     for api in APIS:
         if per_second:
             # A per-second window is short next to scheduling jitter on a busy machine:
-            # a wider guard keeps the fixed-window simulator from ever seeing limit+1.
-            lines += [f"  {api}:", f"    per_second: {per_second}", "    guard_ms: 50", f"    block_s: {sim.rate_window_s}"]
+            # a wider guard keeps the simulator from ever seeing limit+1.
+            guard = 50 if window == "per_second" else 20
+            lines += [f"  {api}:", f"    {window}: {count}", f"    guard_ms: {guard}",
+                      f"    block_s: {sim.block_s if sim.block_s is not None else sim.rate_window_s}"]
         else:
             lines += [f"  {api}:", "    per_second: 0"]
         if sim.max_concurrency:

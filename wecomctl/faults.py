@@ -11,6 +11,7 @@ command goes on. Points:
   welcome.after_intent   the intent is recorded, the welcome not yet sent
   welcome.after_call     the welcome was sent, the outcome not yet recorded
   retry_dlq.after_move   one dead letter moved back to ready, the rest not yet
+  run.parent             the run's parent, once its workers have added someone
 
 Unset (always, outside tests), it costs one dict lookup.
 """

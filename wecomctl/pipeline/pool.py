@@ -20,6 +20,7 @@ from wecomctl.config import Settings
 import httpx
 
 from wecomctl.errors import EXIT_DEAD, EXIT_FATAL, EXIT_OK, ApiError, NetworkError, WecomctlError
+from wecomctl.faults import crash_point
 from wecomctl.pipeline.worker import build_context, open_store, worker_main
 
 POLL_S = 0.25
@@ -76,11 +77,13 @@ def run(settings: Settings, workers: int, until_empty: bool = True,
     store.set_flag("fatal", None)  # a new run: the operator has fixed what stopped the last one
     # Leases of workers that no longer exist (a run that was killed) go back at once.
     store.reclaim(time.time())
-    before = _outcomes(store.counts())
     ctx = mp.get_context("spawn")
+    # This run's own outcomes, counted by its workers (another run on the same data dir
+    # moves the store's totals too).
+    tally = ctx.Array("q", 3)
 
     def spawn(i: int):
-        p = ctx.Process(target=worker_main, args=(settings, until_empty, log_level, os.getpid()),
+        p = ctx.Process(target=worker_main, args=(settings, until_empty, log_level, os.getpid(), tally),
                         name=f"wecomctl-worker-{i}")
         p.start()
         return p
@@ -106,6 +109,8 @@ def run(settings: Settings, workers: int, until_empty: bool = True,
         while any(p.is_alive() for p in procs):
             if on_tick:
                 on_tick(store.counts(), time.time() - start)
+            if tally[0]:
+                crash_point("run.parent", settings.data_dir)  # fault injection (tests only)
             for p in procs:
                 p.join(timeout=POLL_S / max(1, len(procs)))
             if len(signals) > 1:
@@ -129,8 +134,7 @@ def run(settings: Settings, workers: int, until_empty: bool = True,
     errors = [f"{p.name} exited with code {p.exitcode}" for p in procs
               if p.exitcode not in (0, EXIT_FATAL, None, -signal.SIGTERM, -signal.SIGKILL)]
 
-    after = _outcomes(counts)
-    this_run = {k: after[k] - before[k] for k in after}
+    this_run = dict(zip(("added", "welcomed", "dead"), tally[:]))
     left = sum(st[k] for c in counts.values() for st in c["stages"].values() for k in ("ready", "delayed", "leased"))
     if until_empty and left and not signals and not fatal:
         errors.append(f"the workers stopped with {left} items still queued (see the errors above); run again to continue")
@@ -147,10 +151,3 @@ def run(settings: Settings, workers: int, until_empty: bool = True,
                      restarts + errors, this_run, forced=len(signals) > 1)
 
 
-def _outcomes(counts: dict) -> dict[str, int]:
-    out = {"added": 0, "welcomed": 0, "dead": 0}
-    for camp in counts.values():
-        out["added"] += camp["stages"]["add"]["done"]
-        out["welcomed"] += camp["stages"]["welcome"]["done"]
-        out["dead"] += camp["stages"]["add"]["dead"] + camp["stages"]["welcome"]["dead"]
-    return out

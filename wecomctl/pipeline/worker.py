@@ -96,8 +96,10 @@ def drained(store) -> bool:
 
 
 class Worker:
-    def __init__(self, ctx: Context, until_empty: bool, stop: threading.Event, parent: int | None = None):
+    def __init__(self, ctx: Context, until_empty: bool, stop: threading.Event, parent: int | None = None,
+                 tally=None):
         self.ctx = ctx
+        self.tally = tally  # multiprocessing Array: added, welcomed, dead by this run
         self.until_empty = until_empty
         self.stop = stop
         self.parent = parent  # stop when this process is gone (the run was killed)
@@ -107,6 +109,17 @@ class Worker:
         self._mlock = threading.Lock()
         self._inflight: set = set()  # leased items being worked on, for lease renewal
         self._ilock = threading.Lock()
+
+    def _tally(self, stage: str, outcome: str) -> None:
+        """Count this run's own outcomes for the parent's summary (shared memory)."""
+        if self.tally is None:
+            return
+        index = {("add", "done"): 0, ("welcome", "done"): 1}.get((stage, outcome))
+        if outcome in ("dead", "ambiguous"):
+            index = 2
+        if index is not None:
+            with self.tally.get_lock():
+                self.tally[index] += 1
 
     def _keep_leases(self) -> None:
         """Renew the leases of items in hand every third of the lease, so a slow call or a
@@ -158,7 +171,8 @@ class Worker:
             with self._ilock:
                 self._inflight.add(item)
             try:
-                process(self.ctx, item)
+                outcome = process(self.ctx, item)
+                self._tally(item.stage, outcome)
             except FatalStop as exc:
                 self.fatal = exc
                 store.set_flag("fatal", {"api": exc.error.api, "errcode": exc.error.errcode,
@@ -195,7 +209,8 @@ class Worker:
             self.stop.set()
 
 
-def worker_main(settings: Settings, until_empty: bool, log_level: str = "WARNING", parent: int | None = None) -> None:
+def worker_main(settings: Settings, until_empty: bool, log_level: str = "WARNING", parent: int | None = None,
+                tally=None) -> None:
     """Entry point of a worker process (spawned by the pool)."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs URLs, which hold tokens
@@ -209,6 +224,6 @@ def worker_main(settings: Settings, until_empty: bool, log_level: str = "WARNING
     except WecomctlError as exc:
         log.error("%s", exc)
         raise SystemExit(2)
-    code = Worker(ctx, until_empty, stop, parent).run(settings.run.concurrency)
+    code = Worker(ctx, until_empty, stop, parent, tally).run(settings.run.concurrency)
     store.close()
     raise SystemExit(code)

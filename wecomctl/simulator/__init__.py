@@ -108,6 +108,9 @@ latency_jitter_ms      0.0                                         uniform extra
 rate_limit             0                                           calls/window/API, 0 = none
 rate_window_s          1.0                                         window length
 block_s                None                                        45009 block; None = window end
+rate_mode              "fixed"                                     fixed windows, or "sliding":
+                                                                   no window anywhere over the
+                                                                   limit (block: one window)
 max_concurrency        0                                           in flight per API, 0 = none
 busy_rate              0.0                                         share answered -1
 token_ttl_s            7200                                        then 42001

@@ -31,6 +31,7 @@ class SimConfig:
     rate_limit: int = 0  # calls per window per API; 0 = unlimited
     rate_window_s: float = 1.0
     block_s: float | None = None  # None = a 45009 block lasts until the window ends
+    rate_mode: str = "fixed"  # "fixed": windows aligned to the clock; "sliding": any window
     max_concurrency: int = 0  # calls in flight per API; 0 = unlimited
     busy_rate: float = 0.0  # share of calls answered -1
     token_ttl_s: float = 7200
@@ -64,6 +65,7 @@ class SimConfig:
             ("rate_limit", self.rate_limit >= 0),
             ("rate_window_s", self.rate_window_s > 0 and math.isfinite(self.rate_window_s)),
             ("block_s", self.block_s is None or self.block_s >= 0),
+            ("rate_mode", self.rate_mode in ("fixed", "sliding")),
             ("max_concurrency", self.max_concurrency >= 0),
             ("busy_rate", 0.0 <= self.busy_rate <= 1.0),
             ("token_ttl_s", self.token_ttl_s > 0),
@@ -105,7 +107,7 @@ class SimConfig:
 
 _INT = {"port", "rate_limit", "max_concurrency"}
 _FLOAT = {"latency_ms", "latency_jitter_ms", "rate_window_s", "busy_rate", "token_ttl_s", "welcome_code_ttl_s"}
-_STR = {"host", "corp_id", "corp_secret", "gateway_key"}
+_STR = {"host", "corp_id", "corp_secret", "gateway_key", "rate_mode"}
 
 
 def _coerce(name: str, value: Any) -> Any:

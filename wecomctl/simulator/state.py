@@ -91,7 +91,7 @@ class _Api:
     """Per-API counters and fault state."""
 
     __slots__ = ("calls", "errors", "in_flight", "max_in_flight", "window", "window_count",
-                 "blocked_until", "log_t", "log_code")
+                 "blocked_until", "admitted", "log_t", "log_code")
 
     def __init__(self) -> None:
         self.calls = 0
@@ -101,6 +101,7 @@ class _Api:
         self.window = -1  # index of the current fixed rate window
         self.window_count = 0  # calls admitted in it
         self.blocked_until = -math.inf
+        self.admitted: deque[float] = deque()  # sliding mode: arrival times inside the window
         self.log_t: deque[float] = deque(maxlen=CALL_LOG_MAX)
         self.log_code: deque[int] = deque(maxlen=CALL_LOG_MAX)
 
@@ -181,6 +182,17 @@ class SimState:
             return 0
         if t < st.blocked_until:
             return 45009  # blocked calls do not count toward any window
+        if cfg.rate_mode == "sliding":
+            # The strictest reading: no window of rate_window_s, wherever it starts, may
+            # hold more than rate_limit admitted calls.
+            recent = st.admitted
+            while recent and recent[0] <= t - cfg.rate_window_s:
+                recent.popleft()
+            if len(recent) < cfg.rate_limit:
+                recent.append(t)
+                return 0
+            st.blocked_until = t + (cfg.rate_window_s if cfg.block_s is None else cfg.block_s)
+            return 45009
         w = math.floor(t / cfg.rate_window_s)  # fixed windows aligned to the clock
         if w != st.window:
             st.window, st.window_count = w, 0
