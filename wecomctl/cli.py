@@ -351,8 +351,8 @@ def check(config: Optional[str] = ConfigOpt, data_dir: Optional[str] = DataDirOp
 @dlq_app.command("list")
 def dlq_list(
     stage: Optional[str] = typer.Option(None, "--stage", help="add or welcome."),
-    campaign: Optional[str] = typer.Option(None, "--campaign"),
-    errcode: Optional[int] = typer.Option(None, "--errcode"),
+    campaign: Optional[str] = typer.Option(None, "--campaign", help="Only this campaign."),
+    errcode: Optional[int] = typer.Option(None, "--errcode", help="Only dead letters with this errcode."),
     config: Optional[str] = ConfigOpt, data_dir: Optional[str] = DataDirOpt, as_json: bool = JsonOpt,
 ):
     """List dead letters: who, why (errcode, its meaning, what to do), attempts.
