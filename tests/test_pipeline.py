@@ -36,8 +36,9 @@ class FakeWelcome(FakeAdd):
     idempotent = False
     api = "add_msg_template"
 
-    def send(self, lead, text, now, on_send=None):
+    def send(self, lead, text, now, on_send=None, attachments=()):
         self.texts = getattr(self, "texts", []) + [text]
+        self.attachments = list(attachments)
         self._call(on_send)
         return "sent"
 
@@ -320,3 +321,29 @@ def test_leases_of_dead_workers_are_reclaimed_at_once(store, clock):
     assert store.reclaim(clock(), dead_pids={pid}) == 1
     again = store.lease("add", 120, clock())
     assert again.id in (a.id, a.id + 1)
+
+
+def test_attachments_are_personalised_and_checked_before_any_call(store, clock):
+    store.put_leads("c", [lead(城市="北京")], clock())
+    welcome = FakeWelcome()
+    ctx = ctx_for(store, clock, welcome=welcome)
+    ctx.settings.welcome.attachments = [{"msgtype": "link", "link": {"title": "{name}的{城市}专属福利", "url": "https://e.x/?c={campaign}"}}]
+    process(ctx, store.lease("add", 30, clock()))
+    assert process(ctx, store.lease("welcome", 30, clock())) == "done"
+    assert welcome.attachments == [{"msgtype": "link", "link": {"title": "张三的北京专属福利", "url": "https://e.x/?c=c"}}]
+
+
+@pytest.mark.parametrize("attachments, words", [
+    ([{"msgtype": "link", "link": {"title": "t", "url": "u"}}] * 10, "at most 9"),
+    ([{"msgtype": "voice", "voice": {}}], "msgtype must be one of"),
+    ([{"msgtype": "link", "link": {"title": "长" * 43, "url": "u"}}], "link.title is over 128"),
+    ([{"msgtype": "link", "link": {"title": "{missing}", "url": "u"}}], "{missing}"),
+])
+def test_bad_attachments_dead_letter_without_any_call(store, clock, attachments, words):
+    store.put_leads("c", [lead()], clock())
+    add, welcome = FakeAdd(), FakeWelcome()
+    ctx = ctx_for(store, clock, add=add, welcome=welcome)
+    ctx.settings.welcome.attachments = attachments
+    assert process(ctx, store.lease("add", 30, clock())) == "dead"
+    st = state(store, "add")
+    assert add.calls == 0 and welcome.calls == 0 and st["kind"] == "invalid" and words in st["error"]

@@ -74,6 +74,9 @@ class WelcomeSettings:
     # code the gateway relays from the add event (valid 20 s, once).
     provider: str = "msg_template"
     text: str = "您好{name}，我是您的专属顾问，很高兴为您服务。"
+    # WeCom attachments, as WeCom spells them ({msgtype: link, link: {title, url, ...}});
+    # their text fields take the same {variables}. At most 9; not with the gateway provider.
+    attachments: list = field(default_factory=list)
 
 
 @dataclass
@@ -166,7 +169,8 @@ class Settings:
         over = self.campaigns.get(campaign, {}).get("welcome") or {}
         base = self.welcome
         return WelcomeSettings(
-            provider=over.get("provider", base.provider), text=over.get("text", base.text)
+            provider=over.get("provider", base.provider), text=over.get("text", base.text),
+            attachments=over.get("attachments", base.attachments),
         )
 
 
@@ -203,6 +207,10 @@ def _merge(obj: Any, data: Any, where: str, source: str) -> Any:
             if not isinstance(value, str):
                 shown = "a value" if key in SECRET_KEYS else repr(value)
                 raise ConfigError(f"{source}: `{path}` must be text (quote it), not {shown}")
+            setattr(obj, key, value)
+        elif key == "attachments":
+            if not isinstance(value, list) or not all(isinstance(a, dict) for a in value):
+                raise ConfigError(f"{source}: `{path}` must be a list of attachments like {{msgtype: link, link: {{...}}}}")
             setattr(obj, key, value)
         elif isinstance(current, list):
             if isinstance(value, str):
@@ -262,6 +270,11 @@ def _validate(s: Settings) -> None:
     ]:
         if welcome.provider not in valid:
             raise ConfigError(f"{s.source}: `{name}.provider` must be one of {', '.join(valid)}, not {welcome.provider!r}")
+        if len(welcome.attachments) > 9:
+            raise ConfigError(f"{s.source}: `{name}.attachments` has {len(welcome.attachments)}; WeCom allows at most 9")
+        if welcome.attachments and welcome.provider == "gateway":
+            raise ConfigError(f"{s.source}: `{name}.attachments` need the msg_template or welcome_code provider; "
+                              "the gateway sends text only")
     if s.run.concurrency < 1:
         raise ConfigError(f"{s.source}: `run.concurrency` must be at least 1")
     if s.run.lease_s < 1:
@@ -276,7 +289,7 @@ def _validate(s: Settings) -> None:
     for camp, over in s.campaigns.items():
         if not isinstance(over, dict) or not isinstance(over.get("welcome", {}), dict):
             raise ConfigError(f"{s.source}: `campaigns.{camp}` must be a mapping like {{welcome: {{text: ..., provider: ...}}}}")
-        unknown = set(over) - {"welcome"} | set(over.get("welcome") or {}) - {"text", "provider"}
+        unknown = set(over) - {"welcome"} | set(over.get("welcome") or {}) - {"text", "provider", "attachments"}
         if unknown:
             raise ConfigError(f"{s.source}: unknown key under `campaigns.{camp}`: {', '.join(sorted(map(str, unknown)))} "
                               "(known: welcome.text, welcome.provider)")

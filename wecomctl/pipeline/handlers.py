@@ -19,7 +19,7 @@ from typing import Any, Callable
 from wecomctl.errors import ApiError
 from wecomctl.faults import crash_point
 from wecomctl.pipeline.retry import Backoff
-from wecomctl.pipeline.template import InvalidMessage, render
+from wecomctl.pipeline.template import InvalidMessage, render, render_attachments
 from wecomctl.store.base import Failure, Leased
 from wecomctl.wecom.client import LeaseLost
 
@@ -62,6 +62,7 @@ def process(ctx: Context, item: Leased) -> str:
         # A customer we could not greet must not be added: check the welcome text first.
         welcome = ctx.settings.welcome_for(lead["campaign"])
         text = render(welcome.text, lead)
+        attachments = render_attachments(welcome.attachments, lead)
     except InvalidMessage as exc:
         ctx.store.bury(item, Failure(None, str(exc), "invalid"), now, called=False)
         return "dead"
@@ -98,7 +99,7 @@ def process(ctx: Context, item: Leased) -> str:
             crash_point("add.after_call", ctx.settings.data_dir)
             ctx.store.complete(item, ctx.clock(), updates=updates, enqueue_next=True)
         else:
-            status = provider.send(lead, text, ctx.clock(), on_send=on_send)
+            status = provider.send(lead, text, ctx.clock(), on_send=on_send, attachments=attachments)
             crash_point("welcome.after_call", ctx.settings.data_dir)
             ctx.store.complete(item, ctx.clock(), updates={"welcome_status": status})
         return "done"

@@ -55,12 +55,13 @@ class MsgTemplateWelcome:
     def __init__(self, client: WecomClient):
         self.client = client
 
-    def send(self, lead: dict[str, Any], text: str, now: float, on_send: OnSend = None) -> str:
+    def send(self, lead: dict[str, Any], text: str, now: float, on_send: OnSend = None,
+             attachments: list | tuple = ()) -> str:
         euid = lead["external_userid"]
-        data = self.client.post(self.api, "/cgi-bin/externalcontact/add_msg_template", {
-            "chat_type": "single", "external_userid": [euid], "sender": lead["owner"],
-            "text": {"content": text},
-        }, on_send=on_send)
+        body = {"chat_type": "single", "external_userid": [euid], "sender": lead["owner"], "text": {"content": text}}
+        if attachments:
+            body["attachments"] = list(attachments)
+        data = self.client.post(self.api, "/cgi-bin/externalcontact/add_msg_template", body, on_send=on_send)
         if euid in (data.get("fail_list") or []):
             raise ApiError(self.api, None, f"WeCom put {euid} in fail_list: not a customer of {lead['owner']}",
                            "dead", "customer cannot be targeted")
@@ -117,7 +118,8 @@ class GatewayWelcome:
     def __init__(self, gateway: GatewayClient):
         self.gateway = gateway
 
-    def send(self, lead: dict[str, Any], text: str, now: float, on_send: OnSend = None) -> str:
+    def send(self, lead: dict[str, Any], text: str, now: float, on_send: OnSend = None,
+             attachments: list | tuple = ()) -> str:
         # The welcome's idempotency key: one per (campaign, customer).
         key = hashlib.sha256(f"{lead['campaign']}\0{lead['external_userid']}".encode()).hexdigest()[:32]
         data = self.gateway.send_text(lead["owner"], lead["external_userid"], text, request_id=f"welcome-{key}",
@@ -132,11 +134,14 @@ class WelcomeCodeWelcome:
     def __init__(self, client: WecomClient):
         self.client = client
 
-    def send(self, lead: dict[str, Any], text: str, now: float, on_send: OnSend = None) -> str:
+    def send(self, lead: dict[str, Any], text: str, now: float, on_send: OnSend = None,
+             attachments: list | tuple = ()) -> str:
         code = lead.get("welcome_code")
         if not code:
             raise ApiError(self.api, None, "no welcome_code: WeCom sends none when the two were already friends",
                            "dead", "no welcome_code")
-        self.client.post(self.api, "/cgi-bin/externalcontact/send_welcome_msg",
-                         {"welcome_code": code, "text": {"content": text}}, on_send=on_send)
+        body = {"welcome_code": code, "text": {"content": text}}
+        if attachments:
+            body["attachments"] = list(attachments)
+        self.client.post(self.api, "/cgi-bin/externalcontact/send_welcome_msg", body, on_send=on_send)
         return "sent"
