@@ -48,6 +48,17 @@ def make_leads(path, n_valid=470, n_invalid=10, n_unknown=10, n_dupes=10, seed=1
     return valid, unknown
 
 
+def prepare(tmp_path, handle, sc, n_valid, campaign):
+    """The simulator's own config, n_valid good leads, imported. Returns (config, data dir)."""
+    conf = tmp_path / "c.yaml"
+    conf.write_text(cfg.simulator_config(handle.url, sc), encoding="utf-8")
+    data = str(tmp_path / "d")
+    leads = tmp_path / "l.csv"
+    make_leads(leads, n_valid=n_valid, n_invalid=0, n_unknown=0, n_dupes=0)
+    cli("import", str(leads), "--campaign", campaign, "--config", str(conf), "--data-dir", data)
+    return conf, data
+
+
 @pytest.fixture
 def sim():
     sc = SimConfig(latency_ms=20, latency_jitter_ms=20, busy_rate=0.05, token_ttl_s=3, rate_limit=40, seed=3)
@@ -189,12 +200,7 @@ def test_live_view_on_a_terminal(tmp_path):
 
     sc = SimConfig(latency_ms=20, rate_limit=50)
     with start_in_thread(sc) as handle:
-        conf = tmp_path / "c.yaml"
-        conf.write_text(cfg.simulator_config(handle.url, sc), encoding="utf-8")
-        data = str(tmp_path / "d")
-        leads = tmp_path / "l.csv"
-        make_leads(leads, n_valid=60, n_invalid=0, n_unknown=0, n_dupes=0)
-        cli("import", str(leads), "--campaign", "t", "--config", str(conf), "--data-dir", data)
+        conf, data = prepare(tmp_path, handle, sc, 60, "t")
         master, slave = pty.openpty()
         env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"}
         env.pop("CI", None)  # rich treats CI as "not interactive"
@@ -310,12 +316,7 @@ def test_two_runs_on_one_data_dir_share_the_work(tmp_path):
     """Overlapping cron runs: each item is leased by one worker; each run reports its own."""
     sc = SimConfig(latency_ms=20)
     with start_in_thread(sc) as handle:
-        conf = tmp_path / "c.yaml"
-        conf.write_text(cfg.simulator_config(handle.url, sc), encoding="utf-8")
-        data = str(tmp_path / "d")
-        leads = tmp_path / "l.csv"
-        make_leads(leads, n_valid=150, n_invalid=0, n_unknown=0, n_dupes=0)
-        cli("import", str(leads), "--campaign", "o", "--config", str(conf), "--data-dir", data)
+        conf, data = prepare(tmp_path, handle, sc, 150, "o")
         procs = [subprocess.Popen([sys.executable, "-m", "wecomctl", "run", "--config", str(conf), "--data-dir", data,
                                    "--workers", "1", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for _ in range(2)]
