@@ -350,3 +350,27 @@ def test_one_customer_in_two_campaigns_gets_one_welcome_per_campaign(tmp_path):
     for r in rows:
         per.setdefault(r["external_userid"], []).append((r["campaign"], r["welcome_status"]))
     assert len(per) == 20 and all(sorted(v) == [("spring", "task_created"), ("summer", "task_created")] for v in per.values())
+
+
+def test_a_fatal_errcode_mid_run_stops_every_worker_and_leaves_items_queued(tmp_path):
+    """A wrong gateway key passes the start-up check (the gateway has no key check) and
+    fails on the first add with 910401, a fatal errcode."""
+    sc = SimConfig(latency_ms=20)
+    with start_in_thread(sc) as handle:
+        conf_data = yaml.safe_load(cfg.simulator_config(handle.url, sc))
+        conf_data["gateway"]["key"] = "not-the-key"
+        conf = tmp_path / "c.yaml"
+        conf.write_text(yaml.safe_dump(conf_data, allow_unicode=True), encoding="utf-8")
+        data = str(tmp_path / "d")
+        leads = tmp_path / "l.csv"
+        make_leads(leads, n_valid=50, n_invalid=0, n_unknown=0, n_dupes=0)
+        cli("import", str(leads), "--campaign", "f", "--config", str(conf), "--data-dir", data)
+        proc = cli("run", "--config", str(conf), "--data-dir", data, "--workers", "2", check=False)
+        stats = handle.stats()
+    assert proc.returncode == 3, proc.stderr
+    assert "910401" in proc.stderr and "gateway key" in proc.stderr and "not-the-key" not in proc.stderr
+    st = json.loads(cli("status", "--json", "--config", str(conf), "--data-dir", data).stdout)
+    add = st["stages"]["add"]
+    assert add["dead"] == 0 and add["done"] == 0 and add["ready"] + add["delayed"] == 50 and add["leased"] == 0
+    assert stats["calls"]["add_by_phone"] <= 2 * 8  # stopped at once, not after every item
+    assert st["fatal"]["errcode"] == 910401

@@ -175,7 +175,9 @@ def _print_run_summary(result, as_json: bool) -> None:
                   f"still queued {a['ready'] + a['delayed'] + a['leased'] + w['ready'] + w['delayed'] + w['leased']}", highlight=False)
     # What needs a person's attention goes to stderr, with or without --json.
     if result.fatal:
-        err.print(f"[red]stopped:[/] {result.fatal['error']} — fix it, then run again; the items are still queued.", highlight=False)
+        todo = result.fatal.get("todo")
+        err.print(f"[red]stopped:[/] {result.fatal['error']}{f' — {todo}' if todo else ''}. "
+                  "Fix it, then run again; the items are still queued.", highlight=False)
     if result.interrupted and result.forced:
         err.print("stopped at once (second signal): calls in flight were cut off; their items go back to the "
                   "queue when the next run starts. Run again to continue.")

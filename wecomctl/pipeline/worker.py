@@ -26,6 +26,7 @@ from wecomctl.pipeline.retry import Backoff
 from wecomctl.ratelimit.limiter import FileLimiterBackend, RateLimiter
 from wecomctl.store.base import STAGES
 from wecomctl.store.disk import DiskStore
+from wecomctl.wecom import errcodes
 from wecomctl.wecom.client import GatewayClient, HttpApi, WecomClient
 from wecomctl.wecom.providers import GatewayAdd, GatewayWelcome, MsgTemplateWelcome, WelcomeCodeWelcome
 from wecomctl.wecom.token import TokenCache
@@ -175,8 +176,9 @@ class Worker:
                 self._tally(item.stage, outcome)
             except FatalStop as exc:
                 self.fatal = exc
+                todo = errcodes.lookup(exc.error.errcode).note if exc.error.errcode is not None else ""
                 store.set_flag("fatal", {"api": exc.error.api, "errcode": exc.error.errcode,
-                                         "error": str(exc.error), "at": self.ctx.clock()})
+                                         "error": str(exc.error), "todo": todo, "at": self.ctx.clock()})
                 self.stop.set()
             finally:
                 with self._ilock:
