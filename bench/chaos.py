@@ -9,7 +9,7 @@ replaces it) for --kills kills; then the run's parent and all its workers are SI
 then `wecomctl run` runs again to the end. Afterwards it must hold that `wecomctl check`
 passes, imported = done + dead + skipped for every stage, the simulator saw no customer
 greeted twice, and ambiguous dead letters <= the number of kills. Prints a table and
-writes bench/results/chaos.json. tests/test_chaos.py runs a shortened version.
+writes bench/results/chaos-PROVIDER-LEADS.json. tests/test_chaos.py runs a shortened version.
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ def main() -> None:
     for what, ok in r["holds"].items():
         print(f"{what:<42} {'yes' if ok else 'NO'}")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"chaos-{args.provider}.json").write_text(json.dumps(r, ensure_ascii=False, indent=1), encoding="utf-8")
+    (RESULTS / f"chaos-{args.provider}-{args.leads}.json").write_text(json.dumps(r, ensure_ascii=False, indent=1), encoding="utf-8")
     sys.exit(0 if all(r["holds"].values()) else 1)
 
 

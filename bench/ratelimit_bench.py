@@ -12,12 +12,12 @@ Side by side, in one run:
                       welcome (企业群发), each API limited to L by the shared limiter
   sync loop           the loop the design started from: for each lead, add, then welcome,
                       one call at a time
-  per-worker limiter  the common setup: 4 processes, each told "L per second" on its own
+  per-worker limiter  the common setup: 4 processes, each told "L per window" on its own
                       (so together they may send 4 x L)
 
 For each: successful calls per second per API against L, 45009 answers, the most calls
-the simulator admitted in any 1 s window, and the p99 of the gap between consecutive calls.
-Prints a table and writes bench/results/ratelimit.json.
+the simulator admitted in any window, and the p99 of the gap between consecutive calls.
+Prints a table and writes bench/results/ratelimit-L-per-WINDOWs.json.
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     out = {"bench": "ratelimit", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "limit": L, "window_s": W,
            "latency_ms": args.latency_ms, "rows": rows}
-    (RESULTS / "ratelimit.json").write_text(json.dumps(out, indent=1), encoding="utf-8")
+    (RESULTS / f"ratelimit-{L}-per-{W:g}s.json").write_text(json.dumps(out, indent=1), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -54,3 +54,13 @@ def test_simulator_config_is_complete_and_loads(tmp_path):
     assert all(lim.per_second == 30 for lim in s.limits.values())
     assert all(lim.max_concurrency == 4 for lim in s.limits.values())
     assert s.staff == list(sc.staff)
+
+
+def test_a_campaign_may_have_its_own_staff_list(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("staff: [a, b]\ncampaigns:\n  spring:\n    staff: [c]\n", encoding="utf-8")
+    s = cfg.load(str(f))
+    assert s.staff_for("spring") == ["c"] and s.staff_for("other") == ["a", "b"]
+    f.write_text("campaigns:\n  spring:\n    staf: [c]\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="staf"):
+        cfg.load(str(f))

@@ -75,8 +75,9 @@ def test_cases_copied_byte_for_byte():
 
 def test_case_details():
     lf, items = read(CASES / "header_variants.csv")
-    assert lf.columns == {"phone": "联系电话", "name": "客户姓名", "owner": None}
-    assert items[0].fields == {"联系电话": "13800138010", "客户姓名": "刘三", "备注": "VIP", "_extra_1": "extra"}
+    assert lf.columns == {"phone": "联系电话", "name": "客户姓名", "owner": None, "remark": "备注", "tags": None}
+    assert items[0].fields == {"联系电话": "13800138010", "客户姓名": "刘三", "备注": "VIP", "_extra_1": "extra",
+                               "remark": "VIP"}
     assert (items[1].row, items[1].name, items[1].fields["备注"]) == (2, None, "")
 
     lf, items = read(CASES / "invalid_numbers.csv")
@@ -181,7 +182,7 @@ def test_phone_header_aliases(tmp_path, header):
 def test_name_and_owner_aliases(tmp_path):
     path = write(tmp_path, "a.csv", "Mobile,Customer Name,跟进人,Notes\n13800138000, 张三 ,zhangsan,hi\n")
     lf, items = read(path)
-    assert lf.columns == {"phone": "Mobile", "name": "Customer Name", "owner": "跟进人"}
+    assert lf.columns == {"phone": "Mobile", "name": "Customer Name", "owner": "跟进人", "remark": "Notes", "tags": None}
     assert (items[0].name, items[0].owner) == ("张三", "zhangsan")
     assert items[0].fields["Notes"] == "hi"
 
@@ -446,3 +447,26 @@ def test_nul_bytes_are_removed_and_counted(tmp_path):
     lf, items = read(path)
     assert [i.phone for i in items if isinstance(i, Lead)] == ["+8613800138000", "+8613900139000"]
     assert lf.nul_rows == 1
+
+
+@pytest.mark.parametrize("dash", ["\u2010", "\u2011", "\u2012", "\u2013", "\u2014", "\u2212", "\ufe63"])
+def test_typographic_dashes_separate_digit_groups(dash):
+    assert normalise_mobile(f"138{dash}0013{dash}8000") == "+8613800138000"
+
+
+def test_runaway_quote_swallowing_formatted_numbers_is_caught(tmp_path):
+    path = write(tmp_path, "q2.csv", '手机号,姓名,备注\n13800138000,张三,"vip\n138-0013-9000,李四,x\n'
+                                     '+86 137 0013 7000,王五,y\n135 0013 5000,赵六,ok"\n')
+    _, items = read(path)
+    rejects = [i for i in items if isinstance(i, Reject)]
+    assert len(rejects) == 1 and rejects[0].reason.startswith("runaway quote")
+
+
+def test_remark_and_tags_columns_are_template_variables_under_plain_names(tmp_path):
+    path = write(tmp_path, "r.csv", "手机号,客户备注,客户标签\n13800138000,老客户,VIP\n")
+    lf, items = read(path)
+    (lead,) = items
+    assert lf.columns["remark"] == "客户备注" and lf.columns["tags"] == "客户标签"
+    assert lead.fields["remark"] == "老客户" and lead.fields["tags"] == "VIP" and lead.fields["客户备注"] == "老客户"
+    with pytest.raises(InputError, match="two remark columns"):
+        read(write(tmp_path, "r2.csv", "手机号,备注,remark\n13800138000,a,b\n"))

@@ -91,7 +91,7 @@ def import_cmd(
         opts = ReadOptions(encoding=encoding, delimiter=delimiter, phone_column=phone_column,
                            name_column=name_column, owner_column=owner_column)
         # A dry run writes nothing at all: its report is on the screen.
-        imp = Importer(store, campaign, owner=owner, staff=s.staff, options=opts,
+        imp = Importer(store, campaign, owner=owner, staff=s.staff_for(campaign.strip()), options=opts,
                        rejects_dir=None if dry_run else os.path.join(s.data_dir, "rejects"), dry_run=dry_run,
                        template=s.welcome_for(campaign.strip()).text)
         try:
@@ -107,13 +107,19 @@ def import_cmd(
     if as_json:
         print(json.dumps(report.as_json(), ensure_ascii=False))
     else:
-        t = Table(title=f"import {report.campaign}{' (dry run)' if dry_run else ''}")
-        for col in ("file", "format", "encoding", "delimiter", "accepted", "rejected", "duplicates", "blank"):
-            t.add_column(col)
-        for f in report.files:
-            t.add_row(f.path, f.format, f.encoding or "", repr(f.delimiter) if f.delimiter else "",
-                      str(f.accepted), str(f.rejected), str(f.skipped), str(f.blank))
-        out.print(t)
+        cols = ("file", "format", "encoding", "delimiter", "accepted", "rejected", "duplicates", "blank", "revived")
+        rows = [(f.path, f.format, f.encoding or "", repr(f.delimiter) if f.delimiter else "", str(f.accepted),
+                 str(f.rejected), str(f.skipped), str(f.blank), str(f.revived)) for f in report.files]
+        if out.is_terminal:
+            t = Table(title=f"import {report.campaign}{' (dry run)' if dry_run else ''}")
+            for col in cols:
+                t.add_column(col)
+            for row in rows:
+                t.add_row(*row)
+            out.print(t)
+        else:  # logs and pipes: one whole line per file, nothing cut to fit a width
+            for row in rows:
+                out.print(" ".join(f"{c}={v}" for c, v in zip(cols, row)), highlight=False, markup=False)
         for reason, n in sorted(report.reasons.items(), key=lambda kv: -kv[1]):
             out.print(f"  rejected {n}: {reason}")
         for f in report.files:
@@ -303,9 +309,11 @@ def retry_dlq(
     dry_run: bool = typer.Option(False, "--dry-run", help="Count what would move; move nothing."),
     config: Optional[str] = ConfigOpt, data_dir: Optional[str] = DataDirOpt, as_json: bool = JsonOpt,
 ):
-    """Move dead letters back to ready. The welcome ledger still prevents a second greeting.
+    """Move dead letters back to ready, for transient causes (an outage, a raised quota, an
+    ambiguous call you checked). To fix data (a wrong owner, a typo), re-import the fixed
+    rows instead. The welcome ledger still prevents a second greeting.
 
-    Example: wecomctl retry-dlq --stage add --errcode 60111 && wecomctl run
+    Example: wecomctl retry-dlq --kind network && wecomctl run
     """
     import time
 
@@ -320,7 +328,8 @@ def retry_dlq(
     if as_json:
         print(json.dumps({"moved": 0 if dry_run else n, "would_move": n if dry_run else None}))
     else:
-        out.print(f"{'would move' if dry_run else 'moved'} {n} dead letters back to ready")
+        out.print(f"{'would move' if dry_run else 'moved'} {n} dead letters back to ready"
+                  f"{'; now run `wecomctl run`' if n and not dry_run else ''}")
 
 
 @app.command()

@@ -165,6 +165,13 @@ class Settings:
     def gateway_key(self) -> Secret:
         return _secret(self.gateway.key, self.gateway.key_env)
 
+    def staff_for(self, campaign: str) -> list[str]:
+        """The staff userids leads of this campaign may be assigned to."""
+        over = self.campaigns.get(campaign, {}).get("staff")
+        if isinstance(over, str):
+            over = [v.strip() for v in over.split(",") if v.strip()]
+        return [str(v) for v in over] if over else list(self.staff)
+
     def welcome_for(self, campaign: str) -> WelcomeSettings:
         over = self.campaigns.get(campaign, {}).get("welcome") or {}
         base = self.welcome
@@ -289,10 +296,12 @@ def _validate(s: Settings) -> None:
     for camp, over in s.campaigns.items():
         if not isinstance(over, dict) or not isinstance(over.get("welcome", {}), dict):
             raise ConfigError(f"{s.source}: `campaigns.{camp}` must be a mapping like {{welcome: {{text: ..., provider: ...}}}}")
-        unknown = set(over) - {"welcome"} | set(over.get("welcome") or {}) - {"text", "provider", "attachments"}
+        unknown = set(over) - {"welcome", "staff"} | set(over.get("welcome") or {}) - {"text", "provider", "attachments"}
         if unknown:
             raise ConfigError(f"{s.source}: unknown key under `campaigns.{camp}`: {', '.join(sorted(map(str, unknown)))} "
-                              "(known: welcome.text, welcome.provider)")
+                              "(known: staff, welcome.text, welcome.provider, welcome.attachments)")
+        if not isinstance(over.get("staff", []), (list, str)):
+            raise ConfigError(f"{s.source}: `campaigns.{camp}.staff` must be a list of staff userids")
 
 
 def simulator_config(url: str, sim) -> str:

@@ -45,7 +45,7 @@ def run_demo(out: Console, err: Console, data_dir: str | None, workers: int, as_
                   f"limit {sim_cfg.rate_limit}/s per API", highlight=False)
         files = [str(p) for p in samples.write(os.path.join(d, "samples"))]
         store = open_store(settings)
-        report = Importer(store, "demo", staff=settings.staff, rejects_dir=os.path.join(d, "rejects")).run(files)
+        report = Importer(store, "demo", staff=settings.staff_for("demo"), rejects_dir=os.path.join(d, "rejects")).run(files)
         store.close()
         log.print(f"imported {report.accepted} leads from {len(files)} files "
                   f"({report.rejected} rejected, {report.skipped} duplicates); rejects: {report.rejects_file}", highlight=False)

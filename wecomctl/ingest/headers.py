@@ -28,8 +28,12 @@ ALIASES: dict[str, tuple[str, ...]] = {
         "owner", "staff", "userid", "user id", "owner userid", "owner id", "staff id",
         "staff userid", "assignee",
     ),
+    # Kept for the welcome template as {remark} and {tags}, whatever the header says.
+    "remark": ("备注", "客户备注", "备注信息", "说明", "remark", "remarks", "note", "notes", "comment", "comments"),
+    "tags": ("标签", "客户标签", "tag", "tags", "label", "labels"),
 }
-ROLES = ("phone", "name", "owner")
+ROLES = ("phone", "name", "owner", "remark", "tags")
+FLAGGED = ("phone", "name", "owner")  # roles with a --ROLE-column override
 _KEYS = {role: {header_key(alias) for alias in names} for role, names in ALIASES.items()}
 
 
@@ -99,7 +103,7 @@ def resolve_columns(headers: list[str], phone: str | None = None, name: str | No
     overrides = {"phone": phone, "name": name, "owner": owner}
     columns: dict[str, str | None] = {}
     for role in ROLES:
-        if overrides[role]:
+        if overrides.get(role):
             columns[role] = _find(headers, overrides[role], f"--{role}-column")
     taken = set(columns.values())
     for role in ROLES:
@@ -107,8 +111,8 @@ def resolve_columns(headers: list[str], phone: str | None = None, name: str | No
             continue
         matches = [h for h in headers if h not in taken and header_key(h) in _KEYS[role]]
         if len(matches) > 1:
-            raise ColumnError(f"two {role} columns: {_shown(matches)}; pass --{role}-column "
-                              "with the one to use")
+            fix = f"pass --{role}-column with the one to use" if role in FLAGGED else "rename one of them"
+            raise ColumnError(f"two {role} columns: {_shown(matches)}; {fix}")
         columns[role] = matches[0] if matches else None
     if columns["phone"] is None:
         raise MissingPhone(f"no phone column; found: {_shown(headers)}. Name the phone column one of "

@@ -46,6 +46,7 @@ _THOUSANDS = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.0+)?")
 _LIST_SEPARATORS = re.compile(r"[/,;|、，；\n\r]+")
 # What people put between digit groups; anything else is a character we cannot explain.
 _ALLOWED = re.compile(r"[0-9+\-.() ]*")
+_DASHES = str.maketrans({ch: "-" for ch in "\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe58\ufe63"})
 
 
 class PhoneRejected(ValueError):
@@ -104,6 +105,9 @@ def _precheck(text: str) -> str:
     elif _DECIMAL.fullmatch(text):
         raise PhoneRejected(f"decimal number: {text} (the column was converted to numbers; "
                             "re-export it as text)")
+    # Word processors and IMEs turn "-" into look-alikes (‐ ‑ ‒ – — ― −, full-width －
+    # is already "-" after NFKC): they separate digit groups, they never stand for digits.
+    text = text.translate(_DASHES)
     if not _ALLOWED.fullmatch(text):
         odd = "".join(sorted({ch for ch in text if not _ALLOWED.fullmatch(ch)}))
         raise PhoneRejected(f"unexpected characters: {odd!r} in {text}")

@@ -272,10 +272,14 @@ class LeadFile:
             return Reject(self.path, n, raw, exc.reason)
         name = (fields.get(columns["name"]) or None) if columns["name"] else None
         owner = (fields.get(columns["owner"]) or None) if columns["owner"] else None
+        for role in ("remark", "tags"):  # {remark} and {tags} in the welcome, whatever the header
+            if columns.get(role):
+                fields.setdefault(role, fields.get(columns[role], ""))
         return Lead(phone, name, owner, fields, self.path, n, raw)
 
 
-_SWALLOWED = re.compile(r"\n[^\n]*(?<!\d)1[3-9]\d{9}(?!\d)")
+# A later line holding a mobile, however it is written (spaces, dashes, brackets, +86).
+_SWALLOWED = re.compile(r"\n[^\n]*(?<!\d)1[3-9](?:[ \-()]*\d){9}(?!\d)")
 
 
 def _runaway(cells) -> tuple[str, str] | None:

@@ -115,7 +115,8 @@ def dead_letters(leads: Iterable[dict[str, Any]], stage: str | None = None,
             yield {
                 "id": lead["id"], "campaign": lead["campaign"], "stage": st, "phone": lead["phone"],
                 "name": lead.get("name"), "owner": lead.get("owner"), "errcode": s.get("errcode"),
-                "kind": s.get("kind"), "error": s.get("error"), "attempts": s.get("attempts", 0),
+                "kind": s.get("kind"), "error": s.get("error"),
+                "attempts": s.get("calls", s.get("attempts", 0)),  # calls made, as in export
                 "meaning": info.meaning if info else None, "todo": info.note if info else None,
                 "at": s.get("at"),
             }

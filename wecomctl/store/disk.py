@@ -184,6 +184,8 @@ class DiskStore:
         stage = next((st for st in ("add", "welcome") if (lead.get(st) or {}).get("state") == "dead"), None)
         if stage is None:
             return False
+        if (lead.get("name"), lead.get("owner"), lead.get("fields")) == (nl.name, nl.owner, nl.fields):
+            return False  # the same row again, not a fix: it would only die again
         lead.update(name=nl.name, owner=nl.owner, fields=nl.fields, source=nl.source, row=nl.row)
         self._move(c, lead, stage, "ready", now, attempts=0, deliveries=0, errcode=None, error=None, kind=None)
         return True
