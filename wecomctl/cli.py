@@ -53,6 +53,38 @@ def _setup_logging(level: str) -> None:
 
 
 # --- import -----------------------------------------------------------------------------
+class _ImportProgress:
+    """A progress line for imports that take more than a second (on a terminal only, on
+    stderr, gone when done; logs get the summary)."""
+
+    def __init__(self, console: Console):
+        import time
+
+        self.console, self.start, self.live, self.task = console, time.monotonic(), None, None
+
+    def __enter__(self):
+        return self
+
+    def update(self, path: str, rows: int) -> None:
+        import time
+
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        if not self.console.is_terminal or time.monotonic() - self.start < 1.0:
+            return
+        if self.live is None:
+            self.live = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                                 console=self.console, transient=True)
+            self.live.start()
+            self.task = self.live.add_task("")
+        self.live.update(self.task, description=f"importing {path}: {rows:,} rows read")
+
+    def __exit__(self, *exc):
+        if self.live is not None:
+            self.live.stop()
+        return False
+
+
 @app.command("import")
 def import_cmd(
     files: List[str] = typer.Argument(..., help="Lead files: CSV/TSV/TXT, JSON, JSONL, XLSX."),
@@ -95,7 +127,9 @@ def import_cmd(
                        rejects_dir=None if dry_run else os.path.join(s.data_dir, "rejects"), dry_run=dry_run,
                        template=s.welcome_for(campaign.strip()).text)
         try:
-            report = imp.run(files)
+            with _ImportProgress(err) as progress:
+                imp.on_progress = progress.update
+                report = imp.run(files)
         except KeyboardInterrupt:
             err.print("interrupted: the leads read so far are queued; run the same import again to finish "
                       "(what is already queued is skipped as a duplicate)")

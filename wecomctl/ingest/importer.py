@@ -22,6 +22,7 @@ from wecomctl.pipeline.template import variables
 from wecomctl.store.base import NewLead
 
 BATCH = 1000
+PROGRESS_EVERY = 2000
 
 
 @dataclass
@@ -67,7 +68,8 @@ def _reason_class(reason: str) -> str:
 class Importer:
     def __init__(self, store, campaign: str, owner: str | None = None, staff: list[str] | None = None,
                  options: ReadOptions | None = None, rejects_dir: str | None = None,
-                 dry_run: bool = False, template: str | None = None, clock=time.time):
+                 dry_run: bool = False, template: str | None = None, clock=time.time,
+                 on_progress=None):
         if not campaign or not campaign.strip():
             raise InputError("--campaign is required and must not be empty (for example --campaign spring-sale)")
         self.store = store
@@ -79,6 +81,7 @@ class Importer:
         self.dry_run = dry_run
         self.template = template
         self.clock = clock
+        self.on_progress = on_progress  # (file, rows read so far), every PROGRESS_EVERY rows
         if owner and self.staff and owner not in self.staff:
             raise InputError(f"--owner {owner} is not in `staff:` of the config ({', '.join(self.staff)})")
         # Round-robin by the lead's position in this import, not by a running cycle, so a
@@ -125,7 +128,9 @@ class Importer:
             fr = FileReport(lf.path, lf.format, lf.encoding, lf.delimiter)
             report.files.append(fr)
             batch: list[NewLead] = []
-            for row in lf.rows():
+            for n, row in enumerate(lf.rows(), 1):
+                if self.on_progress is not None and n % PROGRESS_EVERY == 0:
+                    self.on_progress(lf.path, n)
                 if isinstance(row, Blank):
                     fr.blank += 1
                 elif isinstance(row, Reject):
