@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Import speed and memory, side by side with sqlite3's .import of the same file.
+
+    python bench/import_bench.py [--rows 1000000]
+
+Generates a GBK CSV the way operators have them (3% invalid numbers, 5% duplicates
+written differently), then times, in one run: `wecomctl import` into a fresh store (end
+to end: decode, parse, normalise, dedupe, enqueue), and `sqlite3`'s `.import` of the same
+file into a table (no validation at all: the ceiling). Prints rows/s, the ratio and peak
+RSS; writes bench/results/import-ROWS.json. Target: >= 30,000 rows/s, <= 250 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from wecomctl.samples import PREFIXES
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def generate(path: Path, rows: int, seed: int = 7) -> None:
+    rng = random.Random(seed)
+    seen: list[str] = []
+    with open(path, "w", encoding="gb18030", newline="") as fh:
+        fh.write("手机号码,客户姓名,跟进人,城市\r\n")
+        for i in range(rows):
+            roll = rng.random()
+            if roll < 0.03:
+                phone = rng.choice(["12345", f"1.{rng.randrange(10**5):05d}E+10", "010-65521234", "138OO138000"])
+            elif roll < 0.08 and seen:
+                n = rng.choice(seen)
+                phone = f"+86 {n[:3]} {n[3:7]} {n[7:]}"
+            else:
+                phone = f"{rng.choice(PREFIXES)}{rng.randrange(10**8):08d}"
+                if len(seen) < 100_000:
+                    seen.append(phone)
+            fh.write(f"{phone},客户{i},{rng.choice(['zhangsan', 'lisi', 'wangwu'])},北京\r\n")
+
+
+def timed(cmd: list[str], **kw) -> tuple[float, float, subprocess.CompletedProcess]:
+    """Wall seconds, peak RSS (MB) of the child, and the result."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return wall, max(peak, before) / 1024, proc
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="wecomctl-importbench-"))
+    csv_path = work / "leads.csv"
+    generate(csv_path, args.rows)
+    size_mb = csv_path.stat().st_size / 2**20
+
+    # sqlite3 .import wants UTF-8; converting is part of its cost, as decoding is ours.
+    utf8 = work / "leads-utf8.csv"
+    t0 = time.perf_counter()
+    utf8.write_text(csv_path.read_text(encoding="gb18030"), encoding="utf-8")
+    convert = time.perf_counter() - t0
+    s_wall, s_rss, s_proc = timed(["sqlite3", str(work / "ceiling.db"), ".mode csv", f".import {utf8} leads"])
+    assert s_proc.returncode == 0, s_proc.stderr
+    w_wall, w_rss, w_proc = timed([sys.executable, "-m", "wecomctl", "import", str(csv_path), "--campaign", "bench",
+                                   "-d", str(work / "data"), "--json"])
+    assert w_proc.returncode in (0, 1), w_proc.stderr
+    report = json.loads(w_proc.stdout)
+    rows = {
+        "wecomctl import": {"seconds": round(w_wall, 2), "rows_per_s": round(args.rows / w_wall),
+                            "peak_rss_mb": round(w_rss, 1), "accepted": report["accepted"],
+                            "rejected": report["rejected"], "skipped": report["skipped"]},
+        "sqlite3 .import": {"seconds": round(s_wall + convert, 2), "rows_per_s": round(args.rows / (s_wall + convert)),
+                            "peak_rss_mb": round(s_rss, 1)},
+    }
+    ratio = rows["wecomctl import"]["rows_per_s"] / rows["sqlite3 .import"]["rows_per_s"]
+    print(f"\n{args.rows:,} rows, {size_mb:.0f} MB of GBK CSV\n")
+    print(f"{'':<18}{'seconds':>9}{'rows/s':>10}{'peak RSS MB':>13}")
+    for name, r in rows.items():
+        print(f"{name:<18}{r['seconds']:>9}{r['rows_per_s']:>10}{r['peak_rss_mb']:>13}")
+    print(f"\nwecomctl / sqlite3 = {ratio:.3f}; accepted {report['accepted']:,}, rejected {report['rejected']:,}, "
+          f"duplicates {report['skipped']:,}")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"import-{args.rows}.json").write_text(json.dumps(
+        {"bench": "import", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows": args.rows, "mb": round(size_mb, 1),
+         "results": rows, "ratio_to_sqlite3": round(ratio, 4)}, indent=1), encoding="utf-8")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
