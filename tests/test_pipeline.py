@@ -4,7 +4,6 @@ import pytest
 
 from conftest import NoLimit, lead
 from wecomctl.config import RetrySettings, Settings
-from wecomctl.errors import ApiError
 from wecomctl.pipeline.handlers import Context, FatalStop, process
 from wecomctl.pipeline.retry import Backoff
 from wecomctl.pipeline.template import InvalidMessage, render

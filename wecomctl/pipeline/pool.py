@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from wecomctl.config import Settings
-import httpx
-
 from wecomctl.errors import EXIT_DEAD, EXIT_FATAL, EXIT_OK, ApiError, NetworkError, WecomctlError
 from wecomctl.faults import crash_point
 from wecomctl.pipeline.worker import build_context, open_store, worker_main
@@ -55,11 +53,7 @@ def preflight(ctx) -> None:
             if client is not None:
                 client.tokens.get()
                 break
-        gateway = ctx.add.gateway
-        try:
-            gateway.http.http.request("GET", gateway.base)
-        except httpx.HTTPError as exc:
-            raise NetworkError("gateway", f"{type(exc).__name__}: {exc}") from None
+        ctx.add.gateway.check_reachable()
     except NetworkError as exc:
         raise Unreachable(f"cannot reach {exc.api}: {exc.errmsg}; check the base_url in the config and the network. Nothing was changed.") from None
     except ApiError as exc:

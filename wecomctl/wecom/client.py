@@ -152,6 +152,13 @@ class GatewayClient:
         return check(api, self.http.send(api, "POST", f"{self.base}{path}", body=body, on_send=on_send,
                                          headers={"Authorization": f"Bearer {self.key.get()}"}))
 
+    def check_reachable(self) -> None:
+        """Raise NetworkError unless the gateway answers HTTP at all (any status will do)."""
+        try:
+            self.http.http.request("GET", self.base)
+        except httpx.HTTPError as exc:
+            raise NetworkError("gateway", redact(f"{type(exc).__name__}: {exc}", self.http.secrets)) from None
+
     def add_by_phone(self, mobile: str, userid: str, on_send: Callable[[], bool] | None = None) -> dict:
         return self._post("add_by_phone", "/gateway/v1/add_by_phone", {"mobile": mobile, "userid": userid}, on_send)
 
