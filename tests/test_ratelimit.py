@@ -180,3 +180,17 @@ def test_token_refresh_is_single_flight_across_processes(tmp_path):
     for p in procs:
         p.join()
     assert tokens == ["T"] * 4 and fetched.read_text() == "x"
+
+
+def test_window_guarantee_holds_across_two_processes_sharing_the_state(tmp_path, clock):
+    """Two limiters on one state directory (two processes) taking turns, on a fake clock:
+    together they stay within every sliding window."""
+    limits = {"api": Limit(per_minute=120, guard_ms=20)}
+    a = RateLimiter(FileLimiterBackend(str(tmp_path / "l")), limits, clock=clock, sleep=clock.sleep)
+    b = RateLimiter(FileLimiterBackend(str(tmp_path / "l")), limits, clock=clock, sleep=clock.sleep)
+    starts = []
+    for i in range(600):
+        (a if i % 3 else b).acquire("api")
+        starts.append(clock())
+    assert most_in_any_window(starts, 60.0) <= 120
+    assert most_in_any_window(starts, 60.0) >= 119  # and it uses the limit
