@@ -119,8 +119,10 @@ class DiskStore:
     def _count(c, campaign: str, stage: str, state: str, delta: int) -> None:
         c.incr(f"n:{campaign}:{stage}:{state}", delta, default=0)
 
-    def _move(self, c, lead: dict, stage: str, state: str, now: float, qkey: str | None = None, **extra) -> None:
-        """Change a lead's state in one stage, keeping queue entries and counters in step."""
+    def _move(self, c, lead: dict, stage: str, state: str, now: float, qkey: str | None = None,
+              counted: bool = True, **extra) -> None:
+        """Change a lead's state in one stage, keeping queue entries and counters in step
+        (counted=False: the caller counts a whole batch itself, in the same transaction)."""
         st = lead.get(stage)
         if st is None:
             st = {"state": None, "qkey": None, "attempts": 0, "deliveries": 0, "calls": 0,
@@ -129,7 +131,7 @@ class DiskStore:
         old, oldkey = st["state"], st["qkey"]
         if oldkey and oldkey != qkey and old in ("delayed", "leased"):
             c.delete(oldkey)
-        if old != state:
+        if old != state and counted:
             if old is not None:
                 self._count(c, lead["campaign"], stage, old, -1)
             self._count(c, lead["campaign"], stage, state, +1)
@@ -153,6 +155,9 @@ class DiskStore:
             camps = c.get("campaigns", [])
             if campaign not in camps:
                 c.set("campaigns", camps + [campaign])
+            # The transaction holds the write lock: ids and counters can be taken once per
+            # batch instead of once per lead (an import is write-bound).
+            seq = int(c.get("seq", 0))
             for nl in leads:
                 dkey = f"dd:{campaign}:{nl.phone}"
                 first = c.get(dkey)
@@ -161,18 +166,22 @@ class DiskStore:
                         res.revived += 1
                         continue
                     res.duplicates.append((nl, first))
-                    c.incr(f"n:{campaign}:dupes", 1, default=0)
                     continue
-                lid = c.incr("seq", 1, default=0)
+                seq += 1
                 lead = {
-                    "id": lid, "campaign": campaign, "phone": nl.phone, "name": nl.name,
+                    "id": seq, "campaign": campaign, "phone": nl.phone, "name": nl.name,
                     "owner": nl.owner, "fields": nl.fields, "source": nl.source, "row": nl.row,
                     "imported_at": now, "external_userid": None,
                 }
-                c.set(dkey, lid)
-                self._move(c, lead, "add", "ready", now)
-                c.incr(f"n:{campaign}:imported", 1, default=0)
+                c.set(dkey, seq)
+                self._move(c, lead, "add", "ready", now, counted=False)
                 res.accepted += 1
+            c.set("seq", seq)
+            if res.accepted:
+                self._count(c, campaign, "add", "ready", res.accepted)
+                c.incr(f"n:{campaign}:imported", res.accepted, default=0)
+            if res.duplicates:
+                c.incr(f"n:{campaign}:dupes", len(res.duplicates), default=0)
         return res
 
     def _revive(self, c, lead_id: int, nl: NewLead, now: float) -> bool:
