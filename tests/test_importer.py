@@ -120,3 +120,8 @@ def test_a_refused_file_stops_before_anything_is_enqueued(tmp_path, store):
 def test_campaign_name_is_required(store):
     with pytest.raises(InputError, match="--campaign"):
         Importer(store, "  ")
+
+
+def test_template_may_use_remark_and_tags_by_their_plain_names(tmp_path, store):
+    f = write(tmp_path / "r.csv", [(NUMS[0], "x", "老客户")], ("手机号", "姓名", "客户备注"))
+    assert Importer(store, "c", owner="o", template="{name}，{remark}").run([f]).accepted == 1

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import os
-import string
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from wecomctl.errors import InputError
 from wecomctl.faults import crash_point
 from wecomctl.ingest.model import Blank, Lead, Reject
 from wecomctl.ingest.readers import ReadOptions, open_lead_file
-from wecomctl.pipeline.template import variables
+from wecomctl.pipeline.template import missing_fields, variables
 from wecomctl.store.base import NewLead
 
 BATCH = 1000
@@ -98,8 +97,9 @@ class Importer:
             raise InputError(f"{lf.path}: no owner column, no --owner and no `staff:` in the config; "
                              "every lead needs the staff userid that adds it: pass --owner USERID")
         if self.template:
-            known = set(lf.headers) | set(variables({}))
-            missing = [f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None and f not in known]
+            # the lead's own fields, every column, and remark/tags under their plain names
+            roles = {role for role in ("remark", "tags") if lf.columns.get(role)}
+            missing = missing_fields(self.template, set(lf.headers) | set(variables({})) | roles)
             if missing:
                 raise InputError(f"{lf.path}: the welcome text uses {{{missing[0]}}} but the file has no such column "
                                  f"(columns: {', '.join(lf.headers)}); add the column or change welcome.text")

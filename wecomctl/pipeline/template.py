@@ -23,10 +23,14 @@ def variables(lead: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def missing_fields(template: str, known) -> list[str]:
+    """The {variables} a template uses that are not in `known`."""
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None and f not in known]
+
+
 def _fill(template: str, values: dict[str, str]) -> str:
-    for _, field, _, _ in string.Formatter().parse(template):
-        if field is not None and field not in values:
-            raise InvalidMessage(f"template variable {{{field}}} is missing from the lead (columns: {', '.join(sorted(values))})")
+    for field in missing_fields(template, values)[:1]:
+        raise InvalidMessage(f"template variable {{{field}}} is missing from the lead (columns: {', '.join(sorted(values))})")
     try:
         return template.format_map(values)
     except (ValueError, IndexError, KeyError) as exc:
