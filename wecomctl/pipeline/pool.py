@@ -2,8 +2,8 @@
 
 Progress reaches the parent through the store's counters, never by sharing objects with
 the workers. First SIGINT/SIGTERM: workers are told to stop (finish the call in hand,
-record it, exit). Second: workers are killed at once; their leases expire and the items
-are delivered again on the next run.
+record it, exit). Second: workers are killed at once; the next run reclaims their leases
+and delivers the items again.
 """
 
 from __future__ import annotations
@@ -110,8 +110,8 @@ def run(settings: Settings, workers: int, until_empty: bool = True,
             if len(signals) > 1:
                 break
             if not signals and not store.get_flag("fatal"):
-                # A worker killed from outside (OOM killer, kill -9) is replaced; its
-                # leases expire and its items are delivered again.
+                # A worker killed from outside (OOM killer, kill -9) is replaced and its
+                # leases are reclaimed at once.
                 for i, p in enumerate(procs):
                     if p.exitcode is not None and p.exitcode < 0 and len(restarts) < MAX_RESTARTS * workers:
                         restarts.append(f"{p.name} was killed by signal {-p.exitcode}; restarted")

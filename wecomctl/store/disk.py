@@ -255,14 +255,18 @@ class DiskStore:
                 if (pid not in dead_pids) if dead_pids is not None else _alive(pid):
                     continue
                 with self._tx() as c:
-                    lid = c.get(key)
-                    lead = c.get(f"lead:{lid}") if lid is not None else None
-                    if lead is None or lead[stage]["qkey"] != key:
-                        continue
-                    # The intent stays: the dead worker may have been mid-call.
-                    self._move(c, lead, stage, "ready", now, intent=lead[stage].get("intent"))
-                    moved += 1
+                    moved += self._back_to_ready(c, stage, key, c.get(key), now)
         return moved
+
+    def _back_to_ready(self, c, stage: str, key: str, lid, now: float) -> int:
+        """A due retry or a lapsed lease (expired, or its worker is gone) goes back to ready.
+        The intent stays: a lapsed holder may have been mid-call, and the next holder must
+        not repeat it blindly. Returns 1 if moved, 0 for an entry no lead points at."""
+        lead = c.get(f"lead:{lid}") if lid is not None else None
+        if lead is None or lead[stage]["qkey"] != key:
+            return 0
+        self._move(c, lead, stage, "ready", now, intent=lead[stage].get("intent"))
+        return 1
 
     def _keys(self, prefix: str) -> list[str]:
         """Keys starting with prefix, through SQLite's key index (diskcache has no public
@@ -373,13 +377,7 @@ class DiskStore:
                         if key is None or _due(prefix, key) > now:
                             break
                         key, lid = c.pull(prefix=prefix)
-                        lead = c.get(f"lead:{lid}")
-                        if lead is None or lead[stage]["qkey"] != key:
-                            continue
-                        # An expired lease keeps the intent of a call that may have
-                        # happened: the next holder must not repeat it blindly.
-                        self._move(c, lead, stage, "ready", now, intent=lead[stage].get("intent"))
-                        moved += 1
+                        moved += self._back_to_ready(c, stage, key, lid, now)
         return moved
 
     def next_wakeup(self) -> float | None:
