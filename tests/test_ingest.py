@@ -7,12 +7,14 @@ dedupe, so the helper dedupes within the file by phone (first wins) as the impor
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
 
 from wecomctl.errors import EXIT_USAGE, InputError
 from wecomctl.ingest import Blank, Lead, Reject, ReadOptions, open_lead_file
+from wecomctl.ingest import phones
 from wecomctl.ingest.phones import SCIENTIFIC, PhoneRejected, normalise_mobile
 
 CASES = Path(__file__).parent / "cases" / "import"
@@ -166,6 +168,42 @@ def test_damaged_numbers_never_become_plausible_numbers():
         with pytest.raises(PhoneRejected):
             normalise_mobile(raw)
     assert normalise_mobile("13800100000") == "+8613800100000"  # typed in full: fine
+
+
+def _slow(raw: str) -> str | None:
+    try:
+        return phones._full(raw, "CN")
+    except PhoneRejected:
+        return None
+
+
+def test_fast_path_agrees_with_phonenumbers_on_a_large_sample():
+    # The memo per 7-digit block must give what phonenumbers gives for every number: all
+    # 1xx prefixes, random tails, and the ways people write +86 and group digits.
+    rng = random.Random(3)
+    phones._BLOCK_IS_MOBILE.clear()
+    forms = ["{n}", "+86{n}", "+86 {a} {b} {c}", "0086{n}", "86-{a}-{b}-{c}", "86{n}", "{a} {b} {c}",
+             "{a}-{b}-{c}", " {n} ", "+86-{n}"]
+    checked = 0
+    for _ in range(20_000):
+        n = f"1{rng.randrange(10**10):010d}"
+        if rng.random() < 0.3:  # many numbers per block, so the memo is exercised on hits
+            n = n[:7] + f"{rng.randrange(10**4):04d}"
+        raw = rng.choice(forms).format(n=n, a=n[:3], b=n[3:7], c=n[7:])
+        fast = phones.normalise_mobile(raw) if phones._fast_cn(raw) else None
+        if fast is None:
+            with pytest.raises(PhoneRejected):
+                phones.normalise_mobile(raw)
+        assert fast == _slow(raw), raw
+        checked += 1
+    hits = sum(phones._BLOCK_IS_MOBILE.values())
+    assert checked == 20_000 and 0 < hits < len(phones._BLOCK_IS_MOBILE)  # both outcomes seen
+
+
+def test_fast_path_leaves_other_shapes_to_the_full_check():
+    for raw in ("1.38001E+10", "138OO138000", "010-65521234", "+1 415 555 2671", "13800138000.0",
+                "(+86) 138 0013 8000", "138 0013 8000\u200b"):
+        assert phones._fast_cn(raw) is None, raw
 
 
 # --- headers ----------------------------------------------------------------------------

@@ -25,7 +25,12 @@ def clean_cell(value: str) -> str:
 
     Invisible characters inside the value are kept: a ZWJ inside an emoji name is meaning.
     """
-    value = value.replace("\x00", "")
+    if "\x00" in value:
+        value = value.replace("\x00", "")
+    value = value.strip()  # str.strip() removes exactly what isspace() calls space
+    # Printable ends (the common case) cannot be invisible characters: done.
+    if not value or (value[0].isprintable() and value[-1].isprintable()):
+        return value
     start, end = 0, len(value)
     while start < end and _blank(value[start]):
         start += 1
