@@ -18,7 +18,7 @@ from typing import Any, Iterator, Protocol
 
 STAGES = ("add", "welcome")
 STATES = ("ready", "delayed", "leased", "done", "dead", "skipped")
-STORE_FORMAT = 1
+STORE_FORMAT = 2  # 2: leads and ready queues in their own SQLite tables
 
 
 @dataclass

@@ -3,17 +3,23 @@
 Every state change is one `transact()` (SQLite BEGIN IMMEDIATE), so a process killed at
 any instant leaves either the old state or the new one, never half of each.
 
+Leads and the ready queues are two plain SQLite tables in diskcache's own database, written
+through its connection inside its transactions: an import inserts a batch of leads with
+one executemany, where diskcache would cost several statements and triggers per key (an
+import was write-bound at about 5,000 leads/s). Everything else is diskcache keys.
+
+Tables:
+  lead(id, campaign, phone, data)     the lead (pickled dict) and, per stage, {state, qkey,
+                                      attempts, deliveries, calls, errcode, error, kind, at,
+                                      intent, lease}; UNIQUE(campaign, phone) is the dedupe
+  ready_{stage}(n, lead)              FIFO of ready lead ids; a lead's qkey "ready:{stage}:{n}"
+
 Key layout (all string keys):
   meta.format                         store format version (checked on open)
-  seq                                 last lead id
   campaigns                           list of campaign names
-  lead:{id}                           the lead and, per stage, {state, qkey, attempts,
-                                      deliveries, errcode, error, kind, at}
-  dd:{campaign}:{phone}               dedupe: the id of the first lead with that phone
   ledger:welcome:{campaign}:{euid}    a customer greeted in that campaign (idempotency)
   n:{campaign}:{stage}:{state}        counters, changed in the same transaction as the state
   n:{campaign}:imported / :dupes      import counters
-  q.{stage}.ready-{seq}               FIFO of ready ids (diskcache push/pull)
   q.{stage}.delay-{due_ms:015d}.{id}  retries, ordered by due time
   q.{stage}.lease-{exp_ms:015d}.{id}.{n}  leases, ordered by expiry
   flag:{name}                         run-wide flags (fatal stop, ...)
@@ -25,6 +31,7 @@ lead was finished by a late ack after its lease expired) is dropped, so no extra
 from __future__ import annotations
 
 import os
+import pickle
 import sqlite3
 import threading
 from contextlib import contextmanager
@@ -63,6 +70,12 @@ def _alive(pid: int) -> bool:
 
 
 
+def _stage_record(state: str | None, qkey: str | None, now: float) -> dict[str, Any]:
+    """A lead's record of one stage, as it starts."""
+    return {"state": state, "qkey": qkey, "attempts": 0, "deliveries": 0, "calls": 0,
+            "errcode": None, "error": None, "kind": None, "at": now, "intent": None, "lease": None}
+
+
 def _due(prefix: str, key: str) -> float:
     """The time encoded in a delay or lease key."""
     return int(key[len(prefix) + 1:len(prefix) + 16]) / 1000
@@ -85,6 +98,7 @@ class DiskStore:
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the store in {self.path}: {exc} (check the path exists, is writable and has free space)") from None
         self._check_format()
+        self._create_tables()
         self._lease_seq = 0
         self._seq_lock = threading.Lock()
 
@@ -112,6 +126,44 @@ class DiskStore:
                     "use the wecomctl version that wrote it, or a new --data-dir"
                 )
 
+    def _create_tables(self) -> None:
+        with self._tx():
+            db = self._db()
+            db.execute("CREATE TABLE IF NOT EXISTS lead (id INTEGER PRIMARY KEY, campaign TEXT NOT NULL,"
+                       " phone TEXT NOT NULL, data BLOB NOT NULL)")
+            db.execute("CREATE UNIQUE INDEX IF NOT EXISTS lead_phone ON lead (campaign, phone)")
+            for stage in STAGES:
+                db.execute(f"CREATE TABLE IF NOT EXISTS ready_{stage} (n INTEGER PRIMARY KEY, lead INTEGER NOT NULL)")
+
+    def _db(self) -> sqlite3.Connection:
+        """diskcache's connection for this thread: statements on it join its transaction."""
+        return self.cache._con
+
+    def _load(self, lead_id) -> dict[str, Any] | None:
+        row = self._db().execute("SELECT data FROM lead WHERE id = ?", (lead_id,)).fetchone()
+        return pickle.loads(row[0]) if row else None
+
+    def _save(self, lead: dict[str, Any]) -> None:
+        self._db().execute("UPDATE lead SET data = ? WHERE id = ?",
+                           (pickle.dumps(lead, pickle.HIGHEST_PROTOCOL), lead["id"]))
+
+    def _push(self, stage: str, lead_id: int) -> str:
+        cur = self._db().execute(f"INSERT INTO ready_{stage} (lead) VALUES (?)", (lead_id,))
+        return f"ready:{stage}:{cur.lastrowid}"
+
+    def _pull(self, stage: str) -> tuple[str | None, int | None]:
+        db = self._db()
+        row = db.execute(f"SELECT n, lead FROM ready_{stage} ORDER BY n LIMIT 1").fetchone()
+        if row is None:
+            return None, None
+        db.execute(f"DELETE FROM ready_{stage} WHERE n = ?", (row[0],))
+        return f"ready:{stage}:{row[0]}", row[1]
+
+    def _ready_entry(self, key: str) -> int | None:
+        _, stage, n = key.split(":")
+        row = self._db().execute(f"SELECT lead FROM ready_{stage} WHERE n = ?", (int(n),)).fetchone()
+        return row[0] if row else None
+
     def close(self) -> None:
         self.cache.close()
 
@@ -125,9 +177,7 @@ class DiskStore:
         (counted=False: the caller counts a whole batch itself, in the same transaction)."""
         st = lead.get(stage)
         if st is None:
-            st = {"state": None, "qkey": None, "attempts": 0, "deliveries": 0, "calls": 0,
-                  "errcode": None, "error": None, "kind": None, "at": now}
-            lead[stage] = st
+            st = lead[stage] = _stage_record(None, None, now)
         old, oldkey = st["state"], st["qkey"]
         if oldkey and oldkey != qkey and old in ("delayed", "leased"):
             c.delete(oldkey)
@@ -145,22 +195,24 @@ class DiskStore:
             st["lease"] = None
         st.update(extra)
         if state == "ready" and qkey is None:
-            st["qkey"] = c.push(lead["id"], prefix=f"q.{stage}.ready")
-        c.set(f"lead:{lead['id']}", lead)
+            st["qkey"] = self._push(stage, lead["id"])
+        self._save(lead)
 
     # -- import -------------------------------------------------------------------
     def put_leads(self, campaign: str, leads: list[NewLead], now: float) -> PutResult:
         res = PutResult()
         with self._tx() as c:
+            db = self._db()
             camps = c.get("campaigns", [])
             if campaign not in camps:
                 c.set("campaigns", camps + [campaign])
-            # The transaction holds the write lock: ids and counters can be taken once per
-            # batch instead of once per lead (an import is write-bound).
-            seq = int(c.get("seq", 0))
+            # The transaction holds the write lock: ids, queue numbers and counters are
+            # taken once per batch, and the batch's earlier leads are read in one query.
+            known = self._ids_by_phone(campaign, [nl.phone for nl in leads])
+            seq = db.execute("SELECT coalesce(max(id), 0) FROM lead").fetchone()[0]
+            new: list[dict] = []
             for nl in leads:
-                dkey = f"dd:{campaign}:{nl.phone}"
-                first = c.get(dkey)
+                first = known.get(nl.phone)
                 if first is not None:
                     if self._revive(c, first, nl, now):
                         res.revived += 1
@@ -168,26 +220,43 @@ class DiskStore:
                     res.duplicates.append((nl, first))
                     continue
                 seq += 1
-                lead = {
+                known[nl.phone] = seq
+                new.append({
                     "id": seq, "campaign": campaign, "phone": nl.phone, "name": nl.name,
                     "owner": nl.owner, "fields": nl.fields, "source": nl.source, "row": nl.row,
                     "imported_at": now, "external_userid": None,
-                }
-                c.set(dkey, seq)
-                self._move(c, lead, "add", "ready", now, counted=False)
-                res.accepted += 1
-            c.set("seq", seq)
-            if res.accepted:
+                })
+            if new:
+                # Queue numbers are taken after any revive above pushed its own entry.
+                ready = db.execute("SELECT coalesce(max(n), 0) FROM ready_add").fetchone()[0]
+                rows, entries = [], []
+                for lead in new:
+                    ready += 1
+                    lead["add"] = _stage_record("ready", f"ready:add:{ready}", now)
+                    rows.append((lead["id"], campaign, lead["phone"], pickle.dumps(lead, pickle.HIGHEST_PROTOCOL)))
+                    entries.append((ready, lead["id"]))
+                db.executemany("INSERT INTO lead (id, campaign, phone, data) VALUES (?, ?, ?, ?)", rows)
+                db.executemany("INSERT INTO ready_add (n, lead) VALUES (?, ?)", entries)
+                res.accepted = len(new)
                 self._count(c, campaign, "add", "ready", res.accepted)
                 c.incr(f"n:{campaign}:imported", res.accepted, default=0)
             if res.duplicates:
                 c.incr(f"n:{campaign}:dupes", len(res.duplicates), default=0)
         return res
 
+    def _ids_by_phone(self, campaign: str, phones: list[str]) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for i in range(0, len(phones), 500):  # well under SQLite's bound-variable limit
+            chunk = phones[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            found.update(self._db().execute(
+                f"SELECT phone, id FROM lead WHERE campaign = ? AND phone IN ({marks})", [campaign, *chunk]))
+        return found
+
     def _revive(self, c, lead_id: int, nl: NewLead, now: float) -> bool:
         """A fixed row re-imported over its dead letter replaces the lead's data and
         queues the stage that died again (the welcome ledger still guards greetings)."""
-        lead = c.get(f"lead:{lead_id}")
+        lead = self._load(lead_id)
         if lead is None:
             return False
         stage = next((st for st in ("add", "welcome") if (lead.get(st) or {}).get("state") == "dead"), None)
@@ -203,10 +272,10 @@ class DiskStore:
     def lease(self, stage: str, lease_s: float, now: float) -> Leased | None:
         with self._tx() as c:
             while True:
-                key, lid = c.pull(prefix=f"q.{stage}.ready")
+                key, lid = self._pull(stage)
                 if key is None:
                     return None
-                lead = c.get(f"lead:{lid}")
+                lead = self._load(lid)
                 if lead is None or lead.get(stage, {}).get("qkey") != key:
                     continue  # stale entry: the lead has moved on
                 st = lead[stage]
@@ -232,7 +301,7 @@ class DiskStore:
     def renew(self, item: Leased, lease_s: float, now: float) -> bool:
         """Extend a lease while its call waits or runs."""
         with self._tx() as c:
-            lead = c.get(f"lead:{item.id}")
+            lead = self._load(item.id)
             if not self._holds(lead, item):
                 return False
             expires = now + lease_s
@@ -262,7 +331,7 @@ class DiskStore:
         """A due retry or a lapsed lease (expired, or its worker is gone) goes back to ready.
         The intent stays: a lapsed holder may have been mid-call, and the next holder must
         not repeat it blindly. Returns 1 if moved, 0 for an entry no lead points at."""
-        lead = c.get(f"lead:{lid}") if lid is not None else None
+        lead = self._load(lid) if lid is not None else None
         if lead is None or lead[stage]["qkey"] != key:
             return 0
         self._move(c, lead, stage, "ready", now, intent=lead[stage].get("intent"))
@@ -282,11 +351,11 @@ class DiskStore:
 
         False if the lease was lost meanwhile (then the call must not be made)."""
         with self._tx() as c:
-            lead = c.get(f"lead:{item.id}")
+            lead = self._load(item.id)
             if not self._holds(lead, item):
                 return False
             lead[item.stage]["intent"] = now
-            c.set(f"lead:{item.id}", lead)
+            self._save(lead)
             item.lead = lead
             return True
 
@@ -297,7 +366,7 @@ class DiskStore:
         worker has it) is still the truth about what happened, so it is recorded; only an
         item that already has a final state keeps it.
         """
-        lead = c.get(f"lead:{item.id}")
+        lead = self._load(item.id)
         if lead is None:
             return None
         if lead[item.stage]["state"] in ("done", "dead", "skipped"):
@@ -354,7 +423,7 @@ class DiskStore:
     def release(self, item: Leased, now: float) -> None:
         """Give an item back untouched (shutdown, fatal stop): no attempt, no delivery."""
         with self._tx() as c:
-            lead = c.get(f"lead:{item.id}")
+            lead = self._load(item.id)
             if not self._holds(lead, item):
                 return
             st = lead[item.stage]
@@ -412,17 +481,24 @@ class DiskStore:
         return out
 
     def find_phone(self, campaign: str, phone: str) -> int | None:
-        return self.cache.get(f"dd:{campaign}:{phone}")
+        return self._ids_by_phone(campaign, [phone]).get(phone)
 
     def lead(self, lead_id: int) -> dict[str, Any] | None:
-        return self.cache.get(f"lead:{lead_id}")
+        return self._load(lead_id)
 
     def leads(self, campaign: str | None = None) -> Iterator[dict[str, Any]]:
-        last = int(self.cache.get("seq", 0))
-        for lid in range(1, last + 1):
-            lead = self.cache.get(f"lead:{lid}")
-            if lead is not None and (campaign is None or lead["campaign"] == campaign):
-                yield lead
+        # Page by id and fetch each page whole: no statement stays open while the caller
+        # writes (requeue_dead does), and memory stays flat.
+        last = 0
+        where, args = ("AND campaign = ?", [campaign]) if campaign is not None else ("", [])
+        while True:
+            page = self._db().execute(f"SELECT id, data FROM lead WHERE id > ? {where} ORDER BY id LIMIT 1000",
+                                      [last, *args]).fetchall()
+            if not page:
+                return
+            for lid, data in page:
+                yield pickle.loads(data)
+            last = page[-1][0]
 
     def requeue_dead(self, stage: str | None, campaign: str | None, now: float,
                      errcode: int | None = None, limit: int | None = None, dry_run: bool = False,
@@ -442,7 +518,7 @@ class DiskStore:
                 if dry_run:
                     continue
                 with self._tx() as c:
-                    fresh = c.get(f"lead:{lead['id']}")
+                    fresh = self._load(lead["id"])
                     if fresh[st]["state"] != "dead":
                         moved -= 1
                         continue
@@ -461,14 +537,13 @@ class DiskStore:
         with self._tx() as c:
             counted = {camp: {st: {s: 0 for s in STATES} for st in STAGES} for camp in c.get("campaigns", [])}
             referenced: set[str] = set()
-            last = int(c.get("seq", 0))
-            for lid in range(1, last + 1):
-                lead = c.get(f"lead:{lid}")
-                if lead is None:
-                    problems.append(f"lead {lid} is missing (ids run to {last})")
-                    continue
-                camp = lead["campaign"]
-                if c.get(f"dd:{camp}:{lead['phone']}") != lid:
+            expected = 1
+            for lead in self.leads():
+                lid, camp = lead["id"], lead["campaign"]
+                if lid != expected:
+                    problems.append(f"leads {expected} to {lid - 1} are missing (ids are given in sequence)")
+                expected = lid + 1
+                if self._ids_by_phone(camp, [lead["phone"]]).get(lead["phone"]) != lid:
                     problems.append(f"lead {lid}: its phone's dedupe entry does not point at it")
                 for stage in STAGES:
                     st = lead.get(stage)
@@ -477,7 +552,8 @@ class DiskStore:
                     counted.setdefault(camp, {s2: {s: 0 for s in STATES} for s2 in STAGES})[stage][st["state"]] += 1
                     key = st.get("qkey")
                     if st["state"] in ("ready", "delayed", "leased"):
-                        if not key or c.get(key) != lid:
+                        entry = self._ready_entry(key) if key and key.startswith("ready:") else c.get(key) if key else None
+                        if entry != lid:
                             problems.append(f"lead {lid} {stage}: {st['state']} but its queue entry is missing")
                         referenced.add(key)
                     if stage == "welcome" and st["state"] == "done" and lead.get("external_userid"):
