@@ -87,7 +87,6 @@ class Importer:
         # re-run after an interruption assigns every lead the same owner as before.
         self._position = 0
         self._seen: dict[str, tuple[str, int]] = {}  # dry run: phone -> (file, row)
-        self._duplicates: list[tuple[NewLead, str, int]] = []  # (lead, matched file, matched row)
 
     def _check_file(self, lf) -> None:
         """Refuse a table file whose every row would be rejected for the same reason."""
@@ -123,7 +122,27 @@ class Importer:
         for lf in files:
             self._check_file(lf)
         report = ImportReport(self.campaign, dry_run=self.dry_run)
-        rejects: list[Reject] = []
+        # Written as they happen, not kept: memory stays flat however many rows are bad.
+        self._rejects = _ReportFile(self._report_path("rejects"), ["file", "row", "raw", "reason"])
+        self._dupes = _ReportFile(self._report_path("duplicates"),
+                                  ["file", "row", "raw", "phone", "matches_file", "matches_row"])
+        try:
+            self._import(files, report)
+        finally:
+            report.rejects_file = self._rejects.close()
+            report.duplicates_file = self._dupes.close()
+        return report
+
+    def _reject(self, r: Reject, fr: FileReport, report: ImportReport) -> None:
+        fr.rejected += 1
+        key = _reason_class(r.reason)
+        report.reasons[key] = report.reasons.get(key, 0) + 1
+        self._rejects.write([r.source, r.row, r.raw, r.reason])
+
+    def _duplicate(self, nl: NewLead, matched_file, matched_row) -> None:
+        self._dupes.write([nl.source, nl.row, nl.raw, nl.phone, matched_file, matched_row])
+
+    def _import(self, files, report: ImportReport) -> None:
         for lf in files:
             fr = FileReport(lf.path, lf.format, lf.encoding, lf.delimiter)
             report.files.append(fr)
@@ -134,36 +153,25 @@ class Importer:
                 if isinstance(row, Blank):
                     fr.blank += 1
                 elif isinstance(row, Reject):
-                    rejects.append(row)
-                    fr.rejected += 1
+                    self._reject(row, fr, report)
                 else:
                     owner, why = self._owner_for(row)
                     if why:
-                        rejects.append(Reject(row.source, row.row, row.raw, why))
-                        fr.rejected += 1
+                        self._reject(Reject(row.source, row.row, row.raw, why), fr, report)
                         continue
                     batch.append(NewLead(row.phone, row.name, owner, dict(row.fields), row.source, row.row, row.raw))
                     if len(batch) >= BATCH:
-                        self._flush(batch, fr, rejects)
+                        self._flush(batch, fr)
                         batch = []
-            self._flush(batch, fr, rejects)
+            self._flush(batch, fr)
             fr.nul_rows = getattr(lf, "nul_rows", 0)
             report.accepted += fr.accepted
             report.rejected += fr.rejected
             report.skipped += fr.skipped
             report.blank += fr.blank
             report.revived += fr.revived
-        for r in rejects:
-            key = _reason_class(r.reason)
-            report.reasons[key] = report.reasons.get(key, 0) + 1
-        report.rejects_file = self._write("rejects", ["file", "row", "raw", "reason"],
-                                          ([r.source, r.row, r.raw, r.reason] for r in rejects), bool(rejects))
-        report.duplicates_file = self._write(
-            "duplicates", ["file", "row", "raw", "phone", "matches_file", "matches_row"],
-            ([d.source, d.row, d.raw, d.phone, mf, mr] for d, mf, mr in self._duplicates), bool(self._duplicates))
-        return report
 
-    def _flush(self, batch: list[NewLead], fr: FileReport, rejects: list[Reject]) -> None:
+    def _flush(self, batch: list[NewLead], fr: FileReport) -> None:
         if not batch:
             return
         if self.dry_run:
@@ -171,11 +179,11 @@ class Importer:
                 earlier = self.store.find_phone(self.campaign, nl.phone) if self.store else None
                 if nl.phone in self._seen:
                     fr.skipped += 1
-                    self._duplicates.append((nl, *self._seen[nl.phone]))
+                    self._duplicate(nl, *self._seen[nl.phone])
                 elif earlier is not None:
                     first = self.store.lead(earlier) or {}
                     fr.skipped += 1
-                    self._duplicates.append((nl, first.get("source", ""), first.get("row", "")))
+                    self._duplicate(nl, first.get("source", ""), first.get("row", ""))
                 else:
                     self._seen[nl.phone] = (nl.source, nl.row)
                     fr.accepted += 1
@@ -187,23 +195,41 @@ class Importer:
         fr.skipped += len(res.duplicates)
         for nl, first_id in res.duplicates:
             first = self.store.lead(first_id) or {}
-            self._duplicates.append((nl, first.get("source", ""), first.get("row", "")))
+            self._duplicate(nl, first.get("source", ""), first.get("row", ""))
 
-    def _write(self, kind: str, header: list[str], rows, any_rows: bool) -> str | None:
-        """A report CSV in the data dir (atomically), or None when there is nothing to say."""
-        if not any_rows or not self.rejects_dir:
+    def _report_path(self, kind: str) -> Path | None:
+        if not self.rejects_dir:
             return None
-        Path(self.rejects_dir).mkdir(parents=True, exist_ok=True)
         now = self.clock()
         # Milliseconds and the pid: two imports in one second never share a report file.
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now)) + f"-{int(now * 1000) % 1000:03d}-{os.getpid()}"
         safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in self.campaign)
-        path = Path(self.rejects_dir) / f"{kind}-{safe}-{stamp}.csv"
-        tmp = path.with_suffix(".csv.tmp")
-        # utf-8-sig so Excel opens Chinese reasons correctly.
-        with open(tmp, "w", newline="", encoding="utf-8-sig") as fh:
-            w = csv.writer(fh)
-            w.writerow(header)
-            w.writerows(rows)
-        os.replace(tmp, path)
-        return str(path)
+        return Path(self.rejects_dir) / f"{kind}-{safe}-{stamp}.csv"
+
+
+class _ReportFile:
+    """A report CSV written row by row to a temporary name and renamed when complete;
+    no file at all when there was nothing to report."""
+
+    def __init__(self, path: Path | None, header: list[str]):
+        self.path, self.header = path, header
+        self._fh = self._writer = None
+
+    def write(self, row: list) -> None:
+        if self.path is None:
+            return
+        if self._fh is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # utf-8-sig so Excel opens Chinese reasons correctly.
+            self._fh = open(self.path.with_suffix(".csv.tmp"), "w", newline="", encoding="utf-8-sig")
+            self._writer = csv.writer(self._fh)
+            self._writer.writerow(self.header)
+        self._writer.writerow(row)
+
+    def close(self) -> str | None:
+        if self._fh is None:
+            return None
+        self._fh.close()
+        self._fh = None
+        os.replace(self.path.with_suffix(".csv.tmp"), self.path)
+        return str(self.path)
