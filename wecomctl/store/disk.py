@@ -350,7 +350,7 @@ class DiskStore:
         """Record, before a call with a side effect, that it is about to be made.
 
         False if the lease was lost meanwhile (then the call must not be made)."""
-        with self._tx() as c:
+        with self._tx():
             lead = self._load(item.id)
             if not self._holds(lead, item):
                 return False
