@@ -81,7 +81,9 @@ class LeadFile:
         if start == "[":
             self.format = "json"
             return self._sniff_json()
-        if start == "{":
+        if start == "{" or (self.path.lower().endswith((".jsonl", ".ndjson")) and _json_line(text)):
+            # A .jsonl file whose first record is not an object is still JSON Lines (each
+            # such record is rejected), not a one-column CSV.
             self.format = "jsonl"
             return self._sniff_json()
         self._sniff_csv(text, complete)
@@ -300,6 +302,15 @@ def _is_mobile(cell: str, region: str) -> bool:
     try:
         normalise_mobile(cell, region)
     except PhoneRejected:
+        return False
+    return True
+
+
+def _json_line(text: str) -> bool:
+    first = next((ln for ln in text.lstrip("\ufeff").splitlines() if ln.strip()), "")
+    try:
+        json.loads(first)
+    except ValueError:
         return False
     return True
 
