@@ -194,3 +194,25 @@ def test_a_corrupt_or_foreign_store_is_refused_with_the_path(tmp_path):
     with pytest.raises(StoreError) as e:
         DiskStore(str(d))
     assert str(d / "store") in str(e.value)
+
+
+def test_recent_outcomes_dlq_codes_and_oldest_ready(store, clock):
+    store.put_leads("c", [lead(phone=f"+861380013{i:04d}") for i in range(5)], clock())
+    clock.sleep(90)
+    items = [store.lease("add", 30, clock()) for _ in range(4)]
+    store.complete(items[0], clock(), updates={"external_userid": "wm0"}, enqueue_next=True)
+    store.bury(items[1], Failure(60111, "no such user", "dead"), clock())
+    store.bury(items[2], Failure(None, "bad template", "invalid"), clock(), called=False)
+    assert store.retry(items[3], clock() + 5, Failure(-1, "busy", "retry"), clock()) == "delayed"
+    recent = store.recent(clock())["c"]["add"]
+    assert recent == {"done": 1, "dead": 2, "failed": 2}  # the invalid one made no call
+    assert store.dead_by_code() == {"c": {"add": {"60111": 1, "invalid": 1}}}
+    ages = store.oldest_ready(clock())["c"]
+    assert ages["add"] == 90.0 and ages["welcome"] == 0.0  # the 5th lead waited since import
+    # ten minutes later the window has moved on; the DLQ has not
+    clock.sleep(600)
+    assert store.recent(clock())["c"]["add"] == {"done": 0, "dead": 0, "failed": 0}
+    # a replay takes letters out of the DLQ counters
+    assert store.requeue_dead("add", "c", clock(), errcode=60111) == 1
+    assert store.dead_by_code() == {"c": {"add": {"invalid": 1}}}
+    assert store.check() == []

@@ -34,6 +34,7 @@ import os
 import pickle
 import sqlite3
 import threading
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -76,14 +77,30 @@ def _stage_record(state: str | None, qkey: str | None, now: float) -> dict[str, 
             "errcode": None, "error": None, "kind": None, "at": now, "intent": None, "lease": None}
 
 
+def _dlq_code(st: dict[str, Any]) -> str:
+    """What a dead letter is counted under: its errcode, else its kind (poison, invalid...)."""
+    return str(st["errcode"]) if st.get("errcode") is not None else (st.get("kind") or "dead")
+
+
+def _final(stage: str, state: str) -> bool:
+    """Is this the lead's last outcome (nothing more will happen to it)?"""
+    return (stage == "add" and state == "dead") or (stage == "welcome" and state in ("done", "skipped", "dead"))
+
+
+def _minute(t: float) -> int:
+    return int(t // 60)
+
+
 def _due(prefix: str, key: str) -> float:
     """The time encoded in a delay or lease key."""
     return int(key[len(prefix) + 1:len(prefix) + 16]) / 1000
 
 
 class DiskStore:
-    def __init__(self, data_dir: str, max_attempts: int = 6, max_deliveries: int = 5, create: bool = True):
+    def __init__(self, data_dir: str, max_attempts: int = 6, max_deliveries: int = 5, create: bool = True,
+                 writeback: bool = False):
         self.path = str(Path(data_dir) / "store")
+        self.writeback = writeback  # queue each final outcome for the write-back stage
         self.max_attempts = max_attempts
         self.max_deliveries = max_deliveries
         if not create and not Path(self.path).exists():
@@ -120,6 +137,8 @@ class DiskStore:
             found = c.get("meta.format")
             if found is None:
                 c.set("meta.format", STORE_FORMAT)
+                # Names this store in write-back idempotency keys (lead ids repeat across stores).
+                c.set("meta.id", uuid.uuid4().hex[:12])
             elif found != STORE_FORMAT:
                 raise StoreError(
                     f"store {self.path} has format {found}, this wecomctl reads format {STORE_FORMAT}: "
@@ -181,6 +200,8 @@ class DiskStore:
         old, oldkey = st["state"], st["qkey"]
         if oldkey and oldkey != qkey and old in ("delayed", "leased"):
             c.delete(oldkey)
+        if old == "dead" and state != "dead":
+            c.incr(f"dlq:{lead['campaign']}:{stage}:{_dlq_code(st)}", -1, default=0)
         if old != state and counted:
             if old is not None:
                 self._count(c, lead["campaign"], stage, old, -1)
@@ -194,8 +215,19 @@ class DiskStore:
             st["intent"] = None
             st["lease"] = None
         st.update(extra)
+        if state != old and state in ("done", "dead"):
+            self._tick(c, lead["campaign"], stage, state, now)
+        if state == "dead" and old != "dead":
+            c.incr(f"dlq:{lead['campaign']}:{stage}:{_dlq_code(st)}", 1, default=0)
         if state == "ready" and qkey is None:
             st["qkey"] = self._push(stage, lead["id"])
+        if self.writeback and state != old and _final(stage, state):
+            # Each final outcome is written back once; the version tells a replay's new
+            # outcome from a retry of the old one (it is part of the idempotency key).
+            wb = lead.get("writeback") or {}
+            self._move(c, lead, "writeback", "ready", now, attempts=0, deliveries=0,
+                       version=(wb.get("version") or 0) + 1)
+            return  # that move saved the lead
         self._save(lead)
 
     # -- import -------------------------------------------------------------------
@@ -379,6 +411,8 @@ class DiskStore:
             lead = self._current(c, item)
             if lead is None:
                 return
+            if item.stage == "writeback" and lead["writeback"].get("version") != item.lead["writeback"].get("version"):
+                return  # a newer outcome arrived meanwhile and is queued: it must still go out
             if updates:
                 lead.update(updates)
             calls = lead[item.stage].get("calls", 0) + (1 if called else 0)
@@ -399,6 +433,8 @@ class DiskStore:
             attempts = st["attempts"] + (1 if count_attempt else 0)
             info = dict(errcode=failure.errcode, error=failure.error, kind=failure.kind, attempts=attempts,
                         calls=st.get("calls", 0) + (1 if called else 0))
+            if called:
+                self._tick(c, lead["campaign"], item.stage, "failed", now)
             if count_attempt and attempts >= self.max_attempts:
                 info["error"] = f"{failure.error} (gave up after {attempts} attempts)"
                 self._move(c, lead, item.stage, "dead", now, **info)
@@ -417,6 +453,8 @@ class DiskStore:
                 return
             st = lead[item.stage]
             n = 1 if called else 0
+            if called:
+                self._tick(c, lead["campaign"], item.stage, "failed", now)
             self._move(c, lead, item.stage, "dead", now, errcode=failure.errcode, error=failure.error,
                        kind=failure.kind, attempts=st["attempts"] + n, calls=st.get("calls", 0) + n)
 
@@ -459,6 +497,55 @@ class DiskStore:
                 if key is not None:
                     times.append(_due(prefix, key))
         return min(times) if times else None
+
+    # -- recent outcomes (for status, error rate and alerts) ---------------------------
+    # Per-minute counters m:{campaign}:{stage}:{what}:{minute}, what = done / dead / failed
+    # (a call that failed, retried or not), kept for two hours.
+    KEEP_MINUTES = 120
+
+    def _tick(self, c, campaign: str, stage: str, what: str, now: float) -> None:
+        minute = _minute(now)
+        if c.incr(f"m:{campaign}:{stage}:{what}:{minute}", 1, default=0) == 1:
+            c.delete(f"m:{campaign}:{stage}:{what}:{minute - self.KEEP_MINUTES}")
+
+    def recent(self, now: float, minutes: int = 5) -> dict[str, dict[str, dict[str, int]]]:
+        """{campaign: {stage: {done, dead, failed}}} over the last `minutes` whole minutes
+        and the current one."""
+        out: dict[str, dict[str, dict[str, int]]] = {}
+        last = _minute(now)
+        for camp in self.campaigns():
+            out[camp] = {}
+            for stage in STAGES:
+                out[camp][stage] = {
+                    what: sum(int(self.cache.get(f"m:{camp}:{stage}:{what}:{m}", 0))
+                              for m in range(last - minutes, last + 1))
+                    for what in ("done", "dead", "failed")}
+        return out
+
+    def dead_by_code(self) -> dict[str, dict[str, dict[str, int]]]:
+        """{campaign: {stage: {errcode or kind: n}}} of the dead letters now in the DLQ."""
+        out: dict[str, dict[str, dict[str, int]]] = {}
+        for key in self._keys("dlq:"):
+            _, camp, stage, code = key.split(":", 3)
+            n = int(self.cache.get(key, 0))
+            if n:
+                out.setdefault(camp, {}).setdefault(stage, {})[code] = n
+        return out
+
+    def oldest_ready(self, now: float) -> dict[str, dict[str, float]]:
+        """{campaign: {stage: seconds the oldest ready item has waited}}. Looks at the front
+        of each queue (stale entries are skipped), so it costs the same at any depth."""
+        out: dict[str, dict[str, float]] = {}
+        for stage in STAGES:
+            rows = self._db().execute(f"SELECT n, lead FROM ready_{stage} ORDER BY n LIMIT 200").fetchall()
+            for n, lid in rows:
+                lead = self._load(lid)
+                st = (lead or {}).get(stage) or {}
+                if st.get("qkey") != f"ready:{stage}:{n}":
+                    continue
+                ages = out.setdefault(lead["campaign"], {})
+                ages.setdefault(stage, round(max(0.0, now - st["at"]), 1))
+        return out
 
     # -- reading ------------------------------------------------------------------
     def campaigns(self) -> list[str]:
@@ -537,6 +624,7 @@ class DiskStore:
         with self._tx() as c:
             counted = {camp: {st: {s: 0 for s in STATES} for st in STAGES} for camp in c.get("campaigns", [])}
             referenced: set[str] = set()
+            dead_codes: dict[str, int] = {}
             expected = 1
             for lead in self.leads():
                 lid, camp = lead["id"], lead["campaign"]
@@ -550,6 +638,9 @@ class DiskStore:
                     if st is None:
                         continue
                     counted.setdefault(camp, {s2: {s: 0 for s in STATES} for s2 in STAGES})[stage][st["state"]] += 1
+                    if st["state"] == "dead":
+                        code_key = f"dlq:{camp}:{stage}:{_dlq_code(st)}"
+                        dead_codes[code_key] = dead_codes.get(code_key, 0) + 1
                     key = st.get("qkey")
                     if st["state"] in ("ready", "delayed", "leased"):
                         entry = self._ready_entry(key) if key and key.startswith("ready:") else c.get(key) if key else None
@@ -565,6 +656,10 @@ class DiskStore:
                 if isinstance(key, str) and key.startswith("q.") and (".lease-" in key or ".delay-" in key):
                     if key not in referenced:
                         problems.append(f"orphan queue entry {key} (no lead points at it)")
+            for key in set(self._keys("dlq:")) | set(dead_codes):
+                stored = int(c.get(key, 0))
+                if stored != dead_codes.get(key, 0):
+                    problems.append(f"DLQ counter {key}={stored} but {dead_codes.get(key, 0)} dead letters have that code")
             for camp, stages in counted.items():
                 for stage, states in stages.items():
                     for state, n in states.items():
@@ -580,6 +675,9 @@ class DiskStore:
                 if welcome_entered != added:
                     problems.append(f"{camp}: {added} added but {welcome_entered} in the welcome stage")
         return problems
+
+    def store_id(self) -> str:
+        return self.cache.get("meta.id") or "store"
 
     def welcome_ledger(self, campaign: str, external_userid: str) -> dict[str, Any] | None:
         return self.cache.get(f"ledger:welcome:{campaign}:{external_userid}")
