@@ -46,10 +46,21 @@ def _settings(config: Optional[str], data_dir: Optional[str]) -> cfg.Settings:
     return cfg.load(config, data_dir)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs URLs, which hold tokens
+def _log_spec(level: str, fmt: str, file: Optional[str], show_phones: bool) -> dict:
+    from wecomctl import logs
+
+    if level.upper() not in logs.LEVELS:
+        raise WecomctlError(f"--log-level must be one of {', '.join(logs.LEVELS)}, not {level!r}")
+    if fmt not in logs.FORMATS:
+        raise WecomctlError(f"--log-format must be text or json, not {fmt!r}")
+    if file:
+        try:
+            open(file, "a", encoding="utf-8").close()
+        except OSError as exc:
+            raise WecomctlError(f"cannot write the log file {file}: {exc.strerror or exc}") from None
+    spec = {"level": level.upper(), "fmt": fmt, "file": file, "mask_phones": not show_phones}
+    logs.setup(**spec)
+    return spec
 
 
 # --- import -----------------------------------------------------------------------------
@@ -174,25 +185,28 @@ def run(
     workers: int = typer.Option(0, "--workers", "-w", min=0, help="Worker processes (default: run.workers, else CPU count)."),
     until_empty: bool = typer.Option(True, "--until-empty/--forever", help="Stop when every queue is drained (default), or keep running."),
     progress_interval: Optional[float] = typer.Option(None, "--progress-interval", min=0.1, help="Seconds between plain progress lines when stdout is not a terminal."),
-    log_level: str = typer.Option("WARNING", "--log-level", help="DEBUG, INFO, WARNING or ERROR (to stderr)."),
+    log_level: str = typer.Option("WARNING", "--log-level", help="DEBUG, INFO (one line per failed call), WARNING or ERROR."),
+    log_format: str = typer.Option("text", "--log-format", help="text, or json: one object a line with ts, level, campaign, stage, lead, errcode."),
+    log_file: Optional[str] = typer.Option(None, "--log-file", help="Append logs to this file instead of stderr (all processes)."),
+    show_phones: bool = typer.Option(False, "--log-phones", help="Write whole phone numbers in logs (masked as 138****8000 by default)."),
     config: Optional[str] = ConfigOpt, data_dir: Optional[str] = DataDirOpt, as_json: bool = JsonOpt,
 ):
     """Add every queued lead and send the welcome, under the configured rate limits.
 
-    Example: wecomctl run --config wecomctl.yaml --workers 4
+    Example: wecomctl run --config wecomctl.yaml --workers 4 --log-format json --log-file run.log
     """
     from wecomctl.pipeline import pool
     from wecomctl.report.progress import make_progress
 
-    _setup_logging(log_level)
     try:
+        log_spec = _log_spec(log_level, log_format, log_file, show_phones)
         s = _settings(config, data_dir)
         n = workers or s.run.workers or os.cpu_count() or 1
         interval = progress_interval if progress_interval is not None else s.run.progress_interval_s
         # With --json, stdout carries only the JSON; progress goes to stderr.
         prog = make_progress(err if as_json else out, interval)
         with prog:
-            result = pool.run(s, n, until_empty, on_tick=prog.tick, log_level=log_level.upper())
+            result = pool.run(s, n, until_empty, on_tick=prog.tick, log_spec=log_spec)
             prog.tick(result.counts, result.elapsed, final=True)
     except WecomctlError as exc:
         _fail(exc)
@@ -235,25 +249,6 @@ def _open_existing(config, data_dir):
     return s, open_store(s, create=False)
 
 
-def _throttles(s) -> tuple[dict, dict]:
-    """Active fleet-wide pauses (seconds left) and lowered concurrency caps, per API."""
-    import time
-
-    from wecomctl.config import APIS
-    from wecomctl.pipeline.worker import make_limiter
-
-    lim = make_limiter(s)
-    now = time.time()
-    pauses = {api: round(lim.paused_until(api) - now, 1) for api in APIS if lim.paused_until(api) > now}
-    caps = {}
-    for api in APIS:
-        cap = lim.cap(api)
-        configured = s.limits[api].max_concurrency if api in s.limits else 0
-        if cap and cap != configured:
-            caps[api] = cap
-    return pauses, caps
-
-
 def status_data(counts: dict, campaign: Optional[str]) -> dict:
     from wecomctl.report.progress import totals
 
@@ -270,42 +265,88 @@ def status_data(counts: dict, campaign: Optional[str]) -> dict:
 @app.command()
 def status(
     campaign: Optional[str] = typer.Option(None, "--campaign", help="Only this campaign."),
+    watch: bool = typer.Option(False, "--watch", help="Redraw every --interval seconds until Ctrl-C."),
+    interval: float = typer.Option(5.0, "--interval", min=0.5, help="Seconds between redraws with --watch."),
+    prometheus: Optional[str] = typer.Option(None, "--prometheus", help="Also write the figures to FILE in the Prometheus text format (atomically; for node_exporter's textfile collector)."),
+    check_alerts: bool = typer.Option(False, "--check", help="Exit 1 when an alert threshold (alerts: in the config) is crossed; 0 otherwise."),
+    notify: bool = typer.Option(False, "--notify", help="Send the alerts in force to the group robot (deduplicated and rate-limited)."),
     config: Optional[str] = ConfigOpt, data_dir: Optional[str] = DataDirOpt, as_json: bool = JsonOpt,
 ):
-    """Queue depths per stage and state.
+    """Queue depths per stage and state, error rate and throughput over 5 minutes, the age of
+    the oldest waiting item, dead letters by errcode, pauses and alerts.
 
-    Example: wecomctl status --json
+    Example: wecomctl status --json;  from cron: wecomctl status --check --notify --prometheus /var/lib/node_exporter/wecomctl.prom
     """
+    import time
+
+    from wecomctl.report import health
+    from wecomctl.report.notify import Notifier
+
     try:
         s, store = _open_existing(config, data_dir)
-        counts = store.counts()
-        if campaign is not None and campaign not in counts:
-            raise WecomctlError(f"no campaign {campaign!r} in {s.data_dir} (campaigns: {', '.join(counts) or 'none'})")
-        data = status_data(counts, campaign)
-        fatal = store.get_flag("fatal")
+        if campaign is not None and campaign not in store.campaigns():
+            raise WecomctlError(f"no campaign {campaign!r} in {s.data_dir} (campaigns: {', '.join(store.campaigns()) or 'none'})")
+        while True:
+            data = health.snapshot(store, s, time.time(), campaign)
+            if prometheus:
+                try:
+                    health.write_atomic(prometheus, health.prometheus(data))
+                except OSError as exc:
+                    raise WecomctlError(f"cannot write {prometheus}: {exc.strerror or exc}") from None
+            if notify:
+                alerts = [health.Alert(a["key"], a["text"]) for a in data["alerts"]]
+                data["notified"] = [a.key for a in Notifier(s, store, time.time).notify(alerts, campaign or "")]
+            if as_json:
+                print(json.dumps(data, ensure_ascii=False), flush=True)
+            else:
+                if watch and out.is_terminal:
+                    out.clear()
+                _print_status(data)
+            if not watch:
+                break
+            time.sleep(interval)
         store.close()
-        data["pauses"], data["caps"] = _throttles(s)
     except WecomctlError as exc:
         _fail(exc)
-    data["fatal"] = fatal
-    if as_json:
-        print(json.dumps(data, ensure_ascii=False))
-        return
-    out.print(f"imported {data['imported']}, duplicates skipped at import {data['skipped']}")
-    t = Table(title="queues")
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_OK)
+    if check_alerts and data["alerts"]:
+        raise typer.Exit(EXIT_DEAD)
+
+
+def _print_status(data: dict) -> None:
+    import time
+
+    stamp = time.strftime("%H:%M:%S", time.localtime(data["at"]))
+    out.print(f"[{stamp}] imported {data['imported']}, duplicates skipped at import {data['skipped']}", highlight=False)
     cols = ("ready", "delayed", "leased", "done", "dead", "skipped", "entered")
+    t = Table(title="queues")
+    t.add_column("campaign")
     t.add_column("stage")
     for c in cols:
         t.add_column(c, justify="right")
-    for stage, row in data["stages"].items():
-        t.add_row(stage, *[str(row[c]) for c in cols])
+    for extra in ("err 5m", "done/min", "oldest wait"):
+        t.add_column(extra, justify="right")
+    for camp, c in data["campaigns"].items():
+        for stage, row in c["stages"].items():
+            rate = "-" if row["error_rate_5m"] is None else f"{row['error_rate_5m']:.0%}"
+            age = "-" if row["oldest_ready_s"] is None else f"{row['oldest_ready_s']:.0f}s"
+            t.add_row(camp, stage, *[str(row[c]) for c in cols], rate, f"{row['per_minute']:.1f}", age)
     out.print(t)
+    if data["dead_by_code"]:
+        from wecomctl.report.export import describe
+
+        out.print("dead letters by errcode: " + ", ".join(
+            f"{code} ({describe(code)}) {n}" for code, n in sorted(data["dead_by_code"].items(), key=lambda kv: -kv[1])),
+            highlight=False, markup=False)
     for api, left in data["pauses"].items():
         out.print(f"[yellow]paused:[/] {api} for {left:.0f}s more (WeCom answered 45009; every process waits)")
     for api, cap in data["caps"].items():
         out.print(f"[yellow]throttled:[/] {api} at most {cap} calls in flight (after 45033)")
-    if fatal:
-        err.print(f"[red]last run stopped:[/] {fatal['error']}")
+    if data["fatal"]:
+        err.print(f"[red]last run stopped:[/] {data['fatal']['error']}", highlight=False)
+    for a in data["alerts"]:
+        out.print(f"[red]alert:[/] {a['text']}", highlight=False)
 
 
 @app.command()
@@ -335,7 +376,7 @@ def export(
 
 @app.command("retry-dlq")
 def retry_dlq(
-    stage: Optional[str] = typer.Option(None, "--stage", help="add or welcome (default both)."),
+    stage: Optional[str] = typer.Option(None, "--stage", help="add, welcome or writeback (default all)."),
     campaign: Optional[str] = typer.Option(None, "--campaign", help="Only this campaign."),
     errcode: Optional[int] = typer.Option(None, "--errcode", help="Only dead letters with this errcode."),
     kind: Optional[str] = typer.Option(None, "--kind", help="Only this kind: ambiguous, network, poison, invalid, dead, retry, ..."),
@@ -352,8 +393,8 @@ def retry_dlq(
     import time
 
     try:
-        if stage not in (None, "add", "welcome"):
-            raise WecomctlError(f"--stage must be add or welcome, not {stage!r}")
+        if stage not in (None, "add", "welcome", "writeback"):
+            raise WecomctlError(f"--stage must be add, welcome or writeback, not {stage!r}")
         s, store = _open_existing(config, data_dir)
         n = store.requeue_dead(stage, campaign, time.time(), errcode=errcode, limit=limit, dry_run=dry_run, kind=kind)
         store.close()
@@ -395,7 +436,7 @@ def check(config: Optional[str] = ConfigOpt, data_dir: Optional[str] = DataDirOp
 
 @dlq_app.command("list")
 def dlq_list(
-    stage: Optional[str] = typer.Option(None, "--stage", help="add or welcome."),
+    stage: Optional[str] = typer.Option(None, "--stage", help="add, welcome or writeback."),
     campaign: Optional[str] = typer.Option(None, "--campaign", help="Only this campaign."),
     errcode: Optional[int] = typer.Option(None, "--errcode", help="Only dead letters with this errcode."),
     config: Optional[str] = ConfigOpt, data_dir: Optional[str] = DataDirOpt, as_json: bool = JsonOpt,
@@ -407,8 +448,8 @@ def dlq_list(
     from wecomctl.report.export import dead_letters
 
     try:
-        if stage not in (None, "add", "welcome"):
-            raise WecomctlError(f"--stage must be add or welcome, not {stage!r}")
+        if stage not in (None, "add", "welcome", "writeback"):
+            raise WecomctlError(f"--stage must be add, welcome or writeback, not {stage!r}")
         s, store = _open_existing(config, data_dir)
         rows = list(dead_letters(store.leads(campaign), stage, errcode))
         store.close()

@@ -20,10 +20,10 @@ DEFAULT_DATA_DIR = ".wecomctl"
 
 # The APIs wecomctl calls, by the names used in `limits:` and in errors.
 APIS = ("gettoken", "add_by_phone", "add_msg_template", "send_welcome_msg", "send_text",
-        "get_groupmsg_list_v2", "get_groupmsg_send_result")
+        "get_groupmsg_list_v2", "get_groupmsg_send_result", "writeback")
 
 
-SECRET_KEYS = {"corp_secret", "key"}  # never echoed in an error
+SECRET_KEYS = {"corp_secret", "key", "robot_key", "token"}  # never echoed in an error
 
 
 class Secret:
@@ -115,7 +115,37 @@ def _default_limits() -> dict[str, Limit]:
         # Lookups, only made to settle whether an interrupted 企业群发 happened.
         "get_groupmsg_list_v2": Limit(per_minute=1000),
         "get_groupmsg_send_result": Limit(per_minute=1000),
+        # Our own calls to the business system's write-back URL.
+        "writeback": Limit(per_second=20),
     }
+
+
+@dataclass
+class AlertSettings:
+    """When to tell people, through a WeCom group robot (群机器人), that a run needs them."""
+
+    robot_url: str = "https://qyapi.weixin.qq.com/cgi-bin/webhook/send"
+    robot_key_env: str = "WECOMCTL_ROBOT_KEY"  # the robot's key; no key = no messages
+    robot_key: str = ""  # inline: only for throwaway keys such as the simulator's
+    dlq_growth: int = 50  # this many new dead letters within dlq_window_min (0 = off)
+    dlq_window_min: int = 10
+    error_rate: float = 0.5  # share of failed calls over the last 5 minutes (0 = off)
+    error_min_calls: int = 20  # ...judged only once the window holds this many calls
+    oldest_ready_min: float = 30.0  # an item ready but not taken for this long (0 = off)
+    pause_min: float = 10.0  # a fleet-wide 45009 pause longer than this (0 = off)
+    fatal: bool = True  # a run stopped by a fatal errcode (bad secret, no permission)
+    repeat_min: float = 60.0  # an alert that lasts is sent again after this long
+    min_interval_s: float = 60.0  # at most one robot message this often; alerts wait and go together
+
+
+@dataclass
+class WritebackSettings:
+    """状态回传: POST every final outcome to the business system. No url = no write-back."""
+
+    url: str = ""
+    token_env: str = "WECOMCTL_WRITEBACK_TOKEN"  # sent as "Authorization: Bearer ..." when set
+    token: str = ""
+    timeout_s: float = 10.0
 
 
 @dataclass
@@ -155,6 +185,8 @@ class Settings:
     limits: dict[str, Limit] = field(default_factory=_default_limits)
     retry: RetrySettings = field(default_factory=RetrySettings)
     run: RunSettings = field(default_factory=RunSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
+    writeback: WritebackSettings = field(default_factory=WritebackSettings)
     campaigns: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-campaign welcome overrides
     data_dir: str = DEFAULT_DATA_DIR
     source: str = "built-in defaults"
@@ -164,6 +196,12 @@ class Settings:
 
     def gateway_key(self) -> Secret:
         return _secret(self.gateway.key, self.gateway.key_env)
+
+    def robot_key(self) -> Secret:
+        return _secret(self.alerts.robot_key, self.alerts.robot_key_env)
+
+    def writeback_token(self) -> Secret:
+        return _secret(self.writeback.token, self.writeback.token_env)
 
     def staff_for(self, campaign: str) -> list[str]:
         """The staff userids leads of this campaign may be assigned to."""
@@ -290,7 +328,12 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"{s.source}: `run.max_deliveries` and `retry.max_attempts` must be at least 1")
     if s.run.progress_interval_s <= 0:
         raise ConfigError(f"{s.source}: `run.progress_interval_s` must be more than 0")
-    for name, value in (("wecom.timeout_s", s.wecom.timeout_s), ("gateway.timeout_s", s.gateway.timeout_s)):
+    if not 0 <= s.alerts.error_rate <= 1:
+        raise ConfigError(f"{s.source}: `alerts.error_rate` is a share of calls, between 0 and 1")
+    if s.writeback.url and not s.writeback.url.startswith(("http://", "https://")):
+        raise ConfigError(f"{s.source}: `writeback.url` must start with http:// or https://")
+    for name, value in (("wecom.timeout_s", s.wecom.timeout_s), ("gateway.timeout_s", s.gateway.timeout_s),
+                        ("writeback.timeout_s", s.writeback.timeout_s)):
         if not (0 < value < 3600):  # also refuses .nan
             raise ConfigError(f"{s.source}: `{name}` must be between 0 and 3600 seconds")
     for camp, over in s.campaigns.items():
@@ -304,8 +347,9 @@ def _validate(s: Settings) -> None:
             raise ConfigError(f"{s.source}: `campaigns.{camp}.staff` must be a list of staff userids")
 
 
-def simulator_config(url: str, sim) -> str:
-    """A complete config for the simulator at `url`, with limits at or under its own."""
+def simulator_config(url: str, sim, writeback: bool = False) -> str:
+    """A complete config for the simulator at `url`, with limits at or under its own (and,
+    with `writeback`, write-back to the simulator's business-system receiver)."""
     per_second = sim.rate_limit or 0
     concurrency = 8
     lines = [
@@ -332,7 +376,14 @@ def simulator_config(url: str, sim) -> str:
         "retry:",
         "  base_delay_s: 0.5",
         "  max_delay_s: 10",
+        "alerts:  # the simulator's group robot (GET /_sim/robot shows what it received)",
+        f"  robot_url: {url}/cgi-bin/webhook/send",
+        f"  robot_key: {sim.robot_key}",
+        "  robot_key_env: ''",
     ]
+    if writeback:
+        lines += ["writeback:  # the simulator's stand-in for your business system (GET /_sim/writeback)",
+                  f"  url: {url}/business/writeback", "  token_env: ''"]
     lines.append("limits:  # per API; the simulator's own limit" if per_second else
                  "limits:  # the simulator has no rate limit, so neither does this config")
     window = {1.0: "per_second", 60.0: "per_minute", 3600.0: "per_hour"}.get(float(sim.rate_window_s))

@@ -47,6 +47,7 @@ class Context:
     clock: Callable[[], float] = time.time
     lease_s: float = 120.0
     stats: dict[str, int] = field(default_factory=dict)
+    writeback: Any = None  # WritebackClient when writeback.url is set
 
 
 AMBIGUOUS = ("ambiguous: the call may have happened (a worker stopped during it, or its answer was lost) "
@@ -58,6 +59,8 @@ def process(ctx: Context, item: Leased) -> str:
     """Work one item to one recorded outcome; returns that outcome's name."""
     lead = item.lead
     now = ctx.clock()
+    if item.stage == "writeback":
+        return _write_back(ctx, item)
     try:
         # A customer we could not greet must not be added: check the welcome text first.
         welcome = ctx.settings.welcome_for(lead["campaign"])
@@ -102,6 +105,7 @@ def process(ctx: Context, item: Leased) -> str:
             status = provider.send(lead, text, ctx.clock(), on_send=on_send, attachments=attachments)
             crash_point("welcome.after_call", ctx.settings.data_dir)
             ctx.store.complete(item, ctx.clock(), updates={"welcome_status": status})
+        log.debug("%s lead %s (%s): done", item.stage, item.id, lead.get("phone"), extra=_about(item))
         return "done"
     except LeaseLost:
         return "lost"  # the lease expired before the call; whoever has the item now does it
@@ -112,6 +116,21 @@ def process(ctx: Context, item: Leased) -> str:
             if settled:
                 return settled
         return _failed(ctx, item, exc)
+
+
+def _write_back(ctx: Context, item: Leased) -> str:
+    if ctx.writeback is None:
+        ctx.store.bury(item, Failure(None, "write-back is not configured any more (writeback.url is empty); "
+                                           "set it, then `wecomctl retry-dlq --stage writeback`", "config"),
+                       ctx.clock(), called=False)
+        return "dead"
+    try:
+        ctx.writeback.deliver(item.lead, item.lead["writeback"].get("version") or 1, ctx.clock())
+    except ApiError as exc:
+        return _failed(ctx, item, exc)
+    ctx.store.complete(item, ctx.clock())
+    log.debug("writeback lead %s: delivered", item.id, extra=_about(item))
+    return "done"
 
 
 def _settle(ctx: Context, item: Leased, provider, text: str, since: float, why: str = "") -> str | None:
@@ -132,14 +151,20 @@ def _settle(ctx: Context, item: Leased, provider, text: str, since: float, why: 
     return None
 
 
+def _about(item: Leased, errcode=None, api=None) -> dict:
+    """Log fields of the item a line is about (the JSON log format shows them)."""
+    return {"campaign": item.lead.get("campaign"), "stage": item.stage, "lead": item.id, "errcode": errcode,
+            "api": api}
+
+
 def _failed(ctx: Context, item: Leased, exc: ApiError) -> str:
     now = ctx.clock()
     # The errmsg as WeCom wrote it (its hint helps WeCom support); the errcode's meaning
     # comes from the table when it is shown.
     failure = Failure(exc.errcode, exc.errmsg, exc.kind)
     kind = exc.kind
-    log.info("%s lead %s: %s", item.stage, item.id, exc,
-             extra={"stage": item.stage, "lead": item.id, "errcode": exc.errcode})
+    log.info("%s lead %s (%s): %s", item.stage, item.id, item.lead.get("phone"), exc,
+             extra=_about(item, exc.errcode, exc.api))
     if kind == "done":
         ctx.store.complete(item, now, updates={f"{item.stage}_status": "already_sent"})
         return "done"

@@ -20,8 +20,10 @@ from wecomctl.config import Settings
 from wecomctl.errors import EXIT_DEAD, EXIT_FATAL, EXIT_OK, ApiError, NetworkError, WecomctlError
 from wecomctl.faults import crash_point
 from wecomctl.pipeline.worker import build_context, open_store, worker_main
+from wecomctl.report.notify import check_and_notify
 
 POLL_S = 0.25
+ALERT_EVERY_S = 15.0
 MAX_RESTARTS = 10  # per worker slot and run: a worker that keeps dying is a bug to look at
 
 
@@ -63,7 +65,7 @@ def preflight(ctx) -> None:
 
 
 def run(settings: Settings, workers: int, until_empty: bool = True,
-        on_tick: Callable[[dict, float], None] | None = None, log_level: str = "WARNING") -> RunResult:
+        on_tick: Callable[[dict, float], None] | None = None, log_spec: dict | None = None) -> RunResult:
     store = open_store(settings, create=False)
     # Build the clients once here so a missing secret or URL, a bad secret or an API that
     # cannot be reached fails before any process starts and before any item is touched.
@@ -77,7 +79,7 @@ def run(settings: Settings, workers: int, until_empty: bool = True,
     tally = ctx.Array("q", 3)
 
     def spawn(i: int):
-        p = ctx.Process(target=worker_main, args=(settings, until_empty, log_level, os.getpid(), tally),
+        p = ctx.Process(target=worker_main, args=(settings, until_empty, log_spec, os.getpid(), tally),
                         name=f"wecomctl-worker-{i}")
         p.start()
         return p
@@ -98,11 +100,15 @@ def run(settings: Settings, workers: int, until_empty: bool = True,
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     start = time.time()
+    alerted = 0.0
     try:
         procs.extend(spawn(i) for i in range(workers))
         while any(p.is_alive() for p in procs):
             if on_tick:
                 on_tick(store.counts(), time.time() - start)
+            if time.time() - alerted >= ALERT_EVERY_S:
+                alerted = time.time()
+                check_and_notify(store, settings)
             if tally[0]:
                 crash_point("run.parent", settings.data_dir)  # fault injection (tests only)
             for p in procs:
@@ -124,6 +130,7 @@ def run(settings: Settings, workers: int, until_empty: bool = True,
     if on_tick:
         on_tick(counts, time.time() - start)
     fatal = store.get_flag("fatal")
+    check_and_notify(store, settings)  # a fatal stop is told at once
     store.close()
     errors = [f"{p.name} exited with code {p.exitcode}" for p in procs
               if p.exitcode not in (0, EXIT_FATAL, None, -signal.SIGTERM, -signal.SIGKILL)]

@@ -19,10 +19,12 @@ from pathlib import Path
 
 import httpx
 
+from wecomctl import logs
 from wecomctl.config import APIS, Settings
 from wecomctl.errors import StoreError, WecomctlError
 from wecomctl.pipeline.handlers import Context, FatalStop, process
 from wecomctl.pipeline.retry import Backoff
+from wecomctl.pipeline.writeback import WritebackClient
 from wecomctl.ratelimit.limiter import FileLimiterBackend, RateLimiter
 from wecomctl.store.base import STAGES
 from wecomctl.store.disk import DiskStore
@@ -41,7 +43,8 @@ EXIT_CRASHED = 70  # a bug in a worker (EX_SOFTWARE); the parent reports it
 
 def open_store(settings: Settings, create: bool = True) -> DiskStore:
     return DiskStore(settings.data_dir, max_attempts=settings.retry.max_attempts,
-                     max_deliveries=settings.run.max_deliveries, create=create)
+                     max_deliveries=settings.run.max_deliveries, create=create,
+                     writeback=bool(settings.writeback.url))
 
 
 def make_limiter(settings: Settings, clock=time.time) -> RateLimiter:
@@ -50,6 +53,7 @@ def make_limiter(settings: Settings, clock=time.time) -> RateLimiter:
     wecom_scope = _scope(settings.wecom.base_url, settings.wecom.corp_id)
     gateway_scope = _scope(settings.gateway.base_url)
     scopes = {api: gateway_scope if api in GATEWAY_APIS else wecom_scope for api in APIS}
+    scopes["writeback"] = _scope(settings.writeback.url or "writeback")
     try:
         backend = FileLimiterBackend(str(shared / "limits"))
     except OSError as exc:
@@ -76,8 +80,12 @@ def build_context(settings: Settings, store, stop: threading.Event, clock=time.t
         )
         welcome["msg_template"] = MsgTemplateWelcome(client)
         welcome["welcome_code"] = WelcomeCodeWelcome(client)
+    writeback = None
+    if settings.writeback.url:
+        writeback = WritebackClient(settings.writeback.url, settings.writeback_token(), api, store.store_id())
     return Context(store=store, settings=settings, add=GatewayAdd(gateway), welcome=welcome,
-                   limiter=limiter, backoff=Backoff(settings.retry), clock=clock, lease_s=settings.run.lease_s)
+                   limiter=limiter, backoff=Backoff(settings.retry), clock=clock, lease_s=settings.run.lease_s,
+                   writeback=writeback)
 
 
 GATEWAY_APIS = ("add_by_phone", "send_text")
@@ -211,11 +219,10 @@ class Worker:
             self.stop.set()
 
 
-def worker_main(settings: Settings, until_empty: bool, log_level: str = "WARNING", parent: int | None = None,
+def worker_main(settings: Settings, until_empty: bool, log_spec: dict | None = None, parent: int | None = None,
                 tally=None) -> None:
     """Entry point of a worker process (spawned by the pool)."""
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs URLs, which hold tokens
+    logs.setup(**(log_spec or {}))
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any, Iterable, TextIO
 
 from wecomctl.errors import UsageError
+from wecomctl.store.base import STAGES
 
 COLUMNS = ["id", "campaign", "phone", "name", "owner", "external_userid", "add_status",
-           "welcome_status", "errcode", "error", "attempts", "source", "row"]
+           "welcome_status", "errcode", "error", "attempts", "source", "row", "writeback_status"]
 
 
 def _stage_status(lead: dict, stage: str) -> str:
@@ -43,6 +44,7 @@ def result_row(lead: dict[str, Any]) -> dict[str, Any]:
         # calls made for this lead, both stages, successful ones included
         "attempts": (add.get("calls") or 0) + (welcome.get("calls") or 0),
         "source": lead.get("source") or "", "row": lead.get("row") or "",
+        "writeback_status": (lead.get("writeback") or {}).get("state") or "",
     }
 
 
@@ -94,9 +96,23 @@ KINDS = {
     "network": _Kind("WeCom or the gateway could not be reached",
                      "check the network and base_url, then retry-dlq and run"),
     "dead": _Kind("WeCom refused the customer", "see the error"),
+    "http": _Kind("the business system refused the write-back (an HTTP 4xx)",
+                  "fix the receiver or writeback.url, then `wecomctl retry-dlq --stage writeback`"),
+    "config": _Kind("a stage is not configured any more", "see the error, fix the config, then retry-dlq"),
     "ambiguous": _Kind("the call may or may not have happened",
                        "check in WeCom whether the customer got it; `wecomctl retry-dlq --kind ambiguous` sends again"),
 }
+
+
+def describe(code: str) -> str:
+    """The meaning of a DLQ code as counted by the store: an errcode, or a kind."""
+    from wecomctl.wecom import errcodes
+
+    try:
+        info = errcodes.lookup(int(code))
+    except ValueError:
+        info = KINDS.get(code)
+    return info.meaning if info else "unknown"
 
 
 def dead_letters(leads: Iterable[dict[str, Any]], stage: str | None = None,
@@ -105,7 +121,7 @@ def dead_letters(leads: Iterable[dict[str, Any]], stage: str | None = None,
     from wecomctl.wecom import errcodes
 
     for lead in leads:
-        for st in ("add", "welcome"):
+        for st in STAGES:
             s = lead.get(st)
             if not s or s["state"] != "dead" or (stage and st != stage):
                 continue

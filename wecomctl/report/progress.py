@@ -72,7 +72,7 @@ class PlainProgress:
             return
         self.last = elapsed
         stamp = time.strftime("%H:%M:%S")
-        parts = " | ".join(line(s, rows[s], rates[s]) for s in STAGES)
+        parts = " | ".join(line(s, rows[s], rates[s]) for s in STAGES if s != "writeback" or rows[s]["entered"])
         print(f"[{stamp}] progress {elapsed:.0f}s {parts}", file=self.out, flush=True)
 
 

@@ -14,7 +14,7 @@ from wecomctl.errors import ConfigError
 DEFAULT_STAFF = ("zhangsan", "lisi", "wangwu", "zhaoliu", "sunqi", "zhouba", "wujiu", "zhengshi")
 
 # Never shown in stats, logs or reprs: they are the simulator's "credentials".
-SECRET_FIELDS = ("corp_secret", "gateway_key")
+SECRET_FIELDS = ("corp_secret", "gateway_key", "robot_key")
 
 
 @dataclass
@@ -26,6 +26,7 @@ class SimConfig:
     corp_id: str = "wwsim00000000000001"
     corp_secret: str = "sim-secret-not-for-production"
     gateway_key: str = "sim-gateway-key-not-for-production"
+    robot_key: str = "sim-robot-key-not-for-production"  # the group robot's webhook key
     latency_ms: float = 0.0
     latency_jitter_ms: float = 0.0  # uniform extra in [0, jitter]
     rate_limit: int = 0  # calls per window per API; 0 = unlimited
@@ -40,6 +41,11 @@ class SimConfig:
     welcome_code_ttl_s: float = 20.0
     seed: int | None = None
     call_log: bool = True  # keep arrival times for GET /_sim/calls
+    # The business system's write-back receiver (POST /business/writeback): share of
+    # deliveries answered 503 before storing, and share answered 500 AFTER storing (the
+    # sender cannot tell them apart and must retry; the Idempotency-Key dedupes).
+    writeback_fail_rate: float = 0.0
+    writeback_lost_reply_rate: float = 0.0
 
     def __post_init__(self) -> None:
         self.staff = tuple(self.staff)
@@ -68,6 +74,8 @@ class SimConfig:
             ("rate_mode", self.rate_mode in ("fixed", "sliding")),
             ("max_concurrency", self.max_concurrency >= 0),
             ("busy_rate", 0.0 <= self.busy_rate <= 1.0),
+            ("writeback_fail_rate", 0.0 <= self.writeback_fail_rate <= 1.0),
+            ("writeback_lost_reply_rate", 0.0 <= self.writeback_lost_reply_rate <= 1.0),
             ("token_ttl_s", self.token_ttl_s > 0),
             ("welcome_code_ttl_s", self.welcome_code_ttl_s > 0),
             ("staff", all(isinstance(s, str) and s for s in self.staff)),

@@ -92,6 +92,23 @@ def build_app(cfg: SimConfig, state: SimState | None = None) -> web.Application:
             return _json(error(40035, f"invalid parameter: api must be one of {', '.join(APIS)}"), status=400)
         return _json(st.calls(api))
 
+    async def robot(request: web.Request) -> web.Response:
+        return _json(st.robot(request.query.get("key"), await request.read()))
+
+    async def writeback(request: web.Request) -> web.Response:
+        status, body = st.writeback(request.headers.get("Idempotency-Key"), await request.read())
+        return _json(body, status=status)
+
+    async def robot_log(request: web.Request) -> web.Response:
+        return _json(st.robot_messages)
+
+    async def writeback_log(request: web.Request) -> web.Response:
+        return _json(st.writebacks)
+
+    app.router.add_post("/cgi-bin/webhook/send", robot)
+    app.router.add_post("/business/writeback", writeback)
+    app.router.add_get("/_sim/robot", robot_log)
+    app.router.add_get("/_sim/writeback", writeback_log)
     app.router.add_get("/_sim/stats", stats)
     app.router.add_post("/_sim/reset", reset)
     app.router.add_get("/_sim/calls", calls)

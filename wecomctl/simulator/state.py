@@ -138,6 +138,10 @@ class SimState:
         # 企业群发 tasks for the lookup APIs: msgid -> (creator, create_time, [external_userid], text)
         self._tasks: dict[str, tuple[str, int, list[str], str]] = {}
         self._requests: dict[str, str] = {}  # send_text request_id -> msgid (gateway dedupe)
+        self.robot_messages: list[dict[str, Any]] = []  # what the group robot received
+        self.writebacks: dict[str, dict[str, Any]] = {}  # Idempotency-Key -> body stored
+        self.writeback_posts = 0
+        self.writeback_repeats = 0  # deliveries of a key already stored (deduped)
 
     def stats(self) -> dict[str, Any]:
         a = self.apis
@@ -149,6 +153,10 @@ class SimState:
             "duplicate_welcomes": self.duplicate_welcomes,
             "recipients": len(self._greeted),
             "relationships": len(self._rel),
+            "robot_messages": len(self.robot_messages),
+            "writebacks": len(self.writebacks),
+            "writeback_posts": self.writeback_posts,
+            "writeback_repeats": self.writeback_repeats,
             "max_in_flight": {k: v.max_in_flight for k, v in a.items()},
             "in_flight": {k: v.in_flight for k, v in a.items()},
             "started_at": self.started_at,
@@ -396,6 +404,43 @@ class SimState:
         return {"errcode": 0, "errmsg": "ok", "msgid": msgid}
 
     # ---- helpers ---------------------------------------------------------------------------
+    # ---- around WeCom: the group robot and the business system ---------------------------
+    def robot(self, key: str | None, raw: bytes) -> dict[str, Any]:
+        """A group robot webhook (qyapi.weixin.qq.com/cgi-bin/webhook/send?key=...)."""
+        if not _same(key, self.cfg.robot_key):
+            return error(93000, "invalid webhook url")
+        try:
+            body = _parse(raw)
+        except _Bad as exc:
+            return exc.reply
+        kind = body.get("msgtype")
+        content = (body.get(kind) or {}).get("content") if isinstance(body.get(kind), dict) else None
+        if kind not in ("text", "markdown") or not isinstance(content, str) or not content:
+            return error(40008, "invalid message type")
+        if len(content.encode("utf-8")) > 4096:
+            return error(40058, "markdown.content exceed max length 4096")
+        self.robot_messages.append({"msgtype": kind, "content": content, "at": self.wall()})
+        return error(0)
+
+    def writeback(self, idem_key: str | None, raw: bytes) -> tuple[int, dict[str, Any]]:
+        """The business system's receiver: (HTTP status, body). Stores each key once."""
+        self.writeback_posts += 1
+        if not idem_key:
+            return 400, {"error": "Idempotency-Key header required"}
+        if self.rng.random() < self.cfg.writeback_fail_rate:
+            return 503, {"error": "temporarily unavailable"}
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return 400, {"error": "body is not JSON"}
+        if idem_key in self.writebacks:
+            self.writeback_repeats += 1
+        else:
+            self.writebacks[idem_key] = body
+        if self.rng.random() < self.cfg.writeback_lost_reply_rate:
+            return 500, {"error": "stored, but the reply was lost"}
+        return 200, {"ok": True}
+
     @staticmethod
     def _need(code: int) -> None:
         if code:
