@@ -36,6 +36,12 @@ class StoreError(WecomctlError):
     """The data dir cannot be opened or written (names the path and what to do)."""
 
 
+class SharedStateError(StoreError):
+    """The state shared by the fleet (rate limits, the access token on Redis) cannot be
+    used: Redis unreachable, refused the login, or the client is not installed. The
+    message says what to do and never carries the password."""
+
+
 class ApiError(WecomctlError):
     """A call to WeCom or the gateway failed. `kind` is the errcode class.
 
