@@ -75,19 +75,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _decode(flat) -> dict[str, Any] | None:
-    """A lead from its hash (a dict, or the flat [field, value, ...] list a script returns)."""
-    if not flat:
+def _decode(text: str | None) -> dict[str, Any] | None:
+    """A lead from the JSON text of its hash (see lead_json): stage fields regrouped."""
+    if not text:
         return None
-    if isinstance(flat, list):
-        flat = dict(zip(flat[::2], flat[1::2]))
     lead: dict[str, Any] = {}
-    for field, raw in flat.items():
+    for field, value in json.loads(text).items():
         stage, dot, key = field.partition(".")
         if dot and stage in STAGES:
-            lead.setdefault(stage, {})[key] = json.loads(raw)
+            lead.setdefault(stage, {})[key] = value
         else:
-            lead[field] = json.loads(raw)
+            lead[field] = value
     return lead
 
 
@@ -107,6 +105,15 @@ local function enc(s)
 end
 local function int(n) return string.format('%d', n) end
 local function lkey(lid) return P .. 'lead:' .. lid end
+-- A lead's hash as one JSON object text ({"name": ..., "add.state": ..., ...}): one reply
+-- string per lead instead of two per field, and the values go out as Python wrote them.
+local function lead_json(lid)
+  local flat = redis.call('HGETALL', lkey(lid))
+  if #flat == 0 then return false end
+  local parts = {}
+  for i = 1, #flat, 2 do parts[#parts + 1] = cjson.encode(flat[i]) .. ':' .. flat[i + 1] end
+  return '{' .. table.concat(parts, ',') .. '}'
+end
 local function count(camp, stage, state, delta)
   redis.call('HINCRBY', P .. 'n:' .. camp, stage .. ':' .. state, delta)
 end
@@ -179,6 +186,7 @@ end
 -- may have been mid-call). 0 for an entry its lead does not point at.
 local function back_to_ready(stage, kind, member, now)
   local lid = string.match(member, '^(%d+)')
+  if not lid then return 0 end
   local h = redis.call('HMGET', lkey(lid), stage .. '.qkey', stage .. '.intent')
   if not h[1] or dec(h[1]) ~= kind .. ':' .. stage .. ':' .. member then return 0 end
   move(lid, stage, 'ready', now, nil, {intent = h[2] or 'null'})
@@ -213,36 +221,50 @@ local function revive(lid, b)
        {attempts = '0', deliveries = '0', errcode = 'null', error = 'null', kind = 'null'})
   return true
 end
+local known = {}  -- phone -> id: a string for the leads already stored (HMGET, one call)
+if n > 0 then
+  local ph = {}
+  for i = 0, n - 1 do ph[#ph + 1] = ARGV[6 + i * 6] end
+  local ids = redis.call('HMGET', phones, unpack(ph))
+  for i, id in ipairs(ids) do if id then known[ph[i]] = id end end
+end
+local seq = tonumber(redis.call('GET', P .. 'seq') or '0')
 local new, dups, revived = {}, {}, 0
 for i = 0, n - 1 do
   local b = 6 + i * 6
   local phone = ARGV[b]
-  local first = redis.call('HGET', phones, phone)
-  if first then
-    if revive(first, b) then
-      revived = revived + 1
-    else
-      dups[#dups + 1] = i
-      dups[#dups + 1] = tonumber(first)
-    end
+  local first = known[phone]
+  if first and type(first) == 'string' and revive(first, b) then
+    revived = revived + 1
+  elseif first then
+    dups[#dups + 1] = i
+    dups[#dups + 1] = tonumber(first)
   else
-    local lid = redis.call('INCR', P .. 'seq')
-    redis.call('HSET', phones, phone, lid)
-    redis.call('HSET', lkey(lid), 'id', lid, 'campaign', campj, 'phone', cjson.encode(phone),
-               'name', ARGV[b + 1], 'owner', ARGV[b + 2], 'fields', ARGV[b + 3],
-               'source', ARGV[b + 4], 'row', ARGV[b + 5], 'imported_at', now,
-               'external_userid', 'null')
-    new[#new + 1] = lid
+    new[#new + 1] = b
+    known[phone] = seq + #new  -- a number: a later row of this batch is its duplicate
   end
 end
--- Queue entries are taken after any revive above pushed its own, as in DiskStore.
-for _, lid in ipairs(new) do
-  local rec = fresh('add', now)
-  rec[2] = '"ready"'
-  rec[4] = cjson.encode(push('add', lid))
-  redis.call('HSET', lkey(lid), unpack(rec))
-end
+-- Ids, queue numbers and counters are taken once for the batch; queue entries after any
+-- revive above pushed its own, as in DiskStore.
 if #new > 0 then
+  redis.call('SET', P .. 'seq', seq + #new)
+  local first_n = redis.call('INCRBY', P .. 'readyseq:add', #new) - #new
+  local pairs_, entries = {}, {}
+  for j, b in ipairs(new) do
+    local lid, qn = int(seq + j), int(first_n + j)
+    pairs_[#pairs_ + 1] = ARGV[b]
+    pairs_[#pairs_ + 1] = lid
+    entries[#entries + 1] = qn .. ':' .. lid
+    redis.call('HSET', lkey(lid), 'id', lid, 'campaign', campj, 'phone', cjson.encode(ARGV[b]),
+               'name', ARGV[b + 1], 'owner', ARGV[b + 2], 'fields', ARGV[b + 3],
+               'source', ARGV[b + 4], 'row', ARGV[b + 5], 'imported_at', now,
+               'external_userid', 'null',
+               'add.state', '"ready"', 'add.qkey', '"ready:add:' .. qn .. '"', 'add.attempts', '0',
+               'add.deliveries', '0', 'add.calls', '0', 'add.errcode', 'null', 'add.error', 'null',
+               'add.kind', 'null', 'add.at', now, 'add.intent', 'null', 'add.lease', 'null')
+  end
+  redis.call('HSET', phones, unpack(pairs_))
+  redis.call('RPUSH', P .. 'ready:add', unpack(entries))
   count(camp, 'add', 'ready', #new)
   redis.call('HINCRBY', P .. 'n:' .. camp, 'imported', #new)
 end
@@ -271,7 +293,7 @@ while true do
       redis.call('ZADD', P .. 'lease:' .. stage, expires, member)
       move(lid, stage, 'leased', now, 'lease:' .. stage .. ':' .. member,
            {deliveries = int(d + 1), lease = enc(token)})
-      return redis.call('HGETALL', lkey(lid))
+      return lead_json(lid)
     end
   end
   -- else a stale entry: the lead has moved on
@@ -293,7 +315,7 @@ _INTENT = r"""
 local lid, stage, token, now = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 if not holds(lid, stage, token) then return false end
 redis.call('HSET', lkey(lid), stage .. '.intent', now)
-return redis.call('HGETALL', lkey(lid))
+return lead_json(lid)
 """
 
 # ARGV: P, stage, member, now. Returns 1 if the lease went back to ready.
@@ -323,7 +345,7 @@ if enqueue and stage == 'add' then move(lid, 'welcome', 'ready', now, nil, {}) e
 return 1
 """
 
-# ARGV: P, id, stage, due, now, errcode JSON, error, kind JSON, count_attempt, called,
+# ARGV: P, id, stage, due, now, errcode JSON, error JSON, kind JSON, count_attempt, called,
 # max_attempts. Returns "gone", "dead" or "delayed".
 _RETRY = r"""
 local lid, stage, due, now = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
@@ -333,10 +355,10 @@ if not current(lid, stage) then return 'gone' end
 local f = stage .. '.'
 local h = redis.call('HMGET', lkey(lid), f .. 'attempts', f .. 'deliveries', f .. 'calls')
 local attempts = tonumber(h[1]) + counted
-local info = {errcode = errcode, error = enc(err), kind = kind, attempts = int(attempts),
+local info = {errcode = errcode, error = err, kind = kind, attempts = int(attempts),
               calls = int(tonumber(h[3] or '0') + called)}
 if counted == 1 and attempts >= maxa then
-  info.error = enc(err .. ' (gave up after ' .. int(attempts) .. ' attempts)')
+  info.error = enc(tostring(dec(err) or 'None') .. ' (gave up after ' .. int(attempts) .. ' attempts)')
   move(lid, stage, 'dead', now, nil, info)
   return 'dead'
 end
@@ -429,10 +451,11 @@ local referenced = {}
 local seq = tonumber(redis.call('GET', P .. 'seq') or '0')
 local expected = 1
 for lid = 1, seq do
-  local flat = redis.call('HGETALL', lkey(lid))
-  if #flat > 0 then
-    local h = {}
-    for i = 1, #flat, 2 do h[flat[i]] = flat[i + 1] end
+  local v = redis.call('HMGET', lkey(lid), 'campaign', 'phone', 'external_userid',
+                      'add.state', 'add.qkey', 'welcome.state', 'welcome.qkey')
+  if v[1] then
+    local h = {['campaign'] = v[1], ['phone'] = v[2], ['external_userid'] = v[3], ['add.state'] = v[4],
+               ['add.qkey'] = v[5], ['welcome.state'] = v[6], ['welcome.qkey'] = v[7]}
     local id = tostring(lid)
     if lid ~= expected then
       problem('leads ' .. int(expected) .. ' to ' .. int(lid - 1) .. ' are missing (ids are given in sequence)')
@@ -507,10 +530,17 @@ end
 return problems
 """
 
+# ARGV: P, then lead ids. Returns each lead as JSON text (false where there is none).
+_READ = r"""
+local out = {}
+for i = 2, #ARGV do out[#out + 1] = lead_json(ARGV[i]) end
+return out
+"""
+
 _SCRIPTS = {
     "put": _PUT, "lease": _LEASE, "renew": _RENEW, "intent": _INTENT, "reclaim": _RECLAIM,
     "complete": _COMPLETE, "retry": _RETRY, "bury": _BURY, "release": _RELEASE,
-    "maintain": _MAINTAIN, "requeue": _REQUEUE, "check": _CHECK,
+    "maintain": _MAINTAIN, "requeue": _REQUEUE, "check": _CHECK, "read": _READ,
 }
 
 
@@ -700,8 +730,8 @@ class RedisStore:
     def retry(self, item: Leased, due: float, failure: Failure, now: float, count_attempt: bool = True,
               called: bool = True) -> str:
         with self._errors():
-            return self._run("retry", item.id, item.stage, _j(due), _j(now), _j(failure.errcode), failure.error,
-                             _j(failure.kind), int(count_attempt), int(called), self.max_attempts)
+            return self._run("retry", item.id, item.stage, _j(due), _j(now), _j(failure.errcode),
+                             _j(failure.error), _j(failure.kind), int(count_attempt), int(called), self.max_attempts)
 
     def bury(self, item: Leased, failure: Failure, now: float, called: bool = True) -> None:
         with self._errors():
@@ -765,7 +795,7 @@ class RedisStore:
 
     def lead(self, lead_id: int) -> dict[str, Any] | None:
         with self._errors():
-            return _decode(self.r.hgetall(f"{self._p}lead:{lead_id}"))
+            return _decode(self._run("read", lead_id)[0])
 
     def leads(self, campaign: str | None = None) -> Iterator[dict[str, Any]]:
         # In id order, a page per round trip; nothing stays open while the caller writes.
@@ -776,12 +806,9 @@ class RedisStore:
                 ids = sorted(int(v) for v in self.r.hvals(f"{self._p}phones:{campaign}"))
         for start in range(0, len(ids), PAGE):
             with self._errors():
-                pipe = self.r.pipeline(transaction=False)
-                for lid in ids[start:start + PAGE]:
-                    pipe.hgetall(f"{self._p}lead:{lid}")
-                page = pipe.execute()
-            for flat in page:
-                lead = _decode(flat)
+                page = self._run("read", *ids[start:start + PAGE])
+            for text in page:
+                lead = _decode(text)
                 if lead is not None and (campaign is None or lead["campaign"] == campaign):
                     yield lead
 
@@ -811,7 +838,8 @@ class RedisStore:
         """Verify the store's invariants; returns what is wrong (empty when all holds).
 
         One script reads a consistent snapshot, so it also works while a run is going on;
-        Redis serves nobody else meanwhile (about a second per 100,000 leads)."""
+        but Redis serves nobody else meanwhile: about 2-3 s per 100,000 leads, and past
+        Redis's busy-script limit (5 s) other clients get BUSY errors until it ends."""
         with self._errors():
             return list(self._run("check"))
 
