@@ -394,3 +394,29 @@ def test_open_store_without_the_redis_package_says_what_to_install(monkeypatch):
     with pytest.raises(StoreError) as e:
         open_store("redis://:pw@127.0.0.1/0", max_attempts=3, max_deliveries=3)
     assert "pip install 'wecomctl[redis]'" in str(e.value) and "pw" not in str(e.value)
+
+
+def test_redis_consumers_on_several_connections_each_get_distinct_items(redis_namespace, clock):
+    import threading
+
+    url, ns = redis_namespace
+    stores = [redis_store(url, ns) for _ in range(4)]
+    stores[0].put_leads("c", [lead(phone=f"+86138{i:08d}") for i in range(400)], clock())
+    seen: list[int] = []
+
+    def consume(s):
+        while (item := s.lease("add", 30, clock())) is not None:
+            seen.append(item.id)
+            s.complete(item, clock(), updates={"external_userid": f"wm{item.id}"}, enqueue_next=True)
+
+    threads = [threading.Thread(target=consume, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(seen) == list(range(1, 401))  # each lead leased once, none lost
+    counts = invariant(stores[0])["stages"]
+    assert counts["add"]["done"] == 400 and counts["welcome"]["ready"] == 400
+    assert stores[0].check() == []
+    for s in stores:
+        s.close()
