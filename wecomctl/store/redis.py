@@ -605,7 +605,10 @@ class RedisStore:
             msg = self._scrub(exc)
             if msg.startswith("OOM"):
                 raise StoreError(f"Redis at {where} is out of memory: {msg} (raise maxmemory or free memory, "
-                                 "then run again; nothing was changed)") from None
+                                 "then run again; nothing was lost)") from None
+            if msg.startswith("BUSY"):
+                raise StoreError(f"Redis at {where} is busy running a long script (a `wecomctl check` of a "
+                                 f"big store?): {msg} (wait for it to end, then run again)") from None
             if msg.startswith("NOAUTH") or msg.startswith("NOPERM"):
                 raise StoreError(f"Redis at {where} refused the store {store}: {msg} "
                                  "(check the user, password and ACL in the URL)") from None
@@ -626,7 +629,7 @@ class RedisStore:
                                      "(run `wecomctl import` first, or check the store URL and namespace)")
                 self.r.set(key, REDIS_FORMAT, nx=True)
                 found = self.r.get(key)
-        if int(found) != REDIS_FORMAT:
+        if str(found) != str(REDIS_FORMAT):
             raise StoreError(
                 f"store {self.path} (namespace {self.namespace}) has format {found}, this wecomctl reads "
                 f"format {REDIS_FORMAT}: use the wecomctl version that wrote it, or another namespace"
