@@ -315,7 +315,7 @@ def test_a_renewed_lease_outlives_its_first_expiry(store, clock):
 def test_leases_of_dead_workers_are_reclaimed_at_once(store, clock):
     store.put_leads("c", [lead(), lead(phone="+8613900139000")], clock())
     a = store.lease("add", 120, clock())
-    pid = int(a.token.split("-")[0])
+    pid = int(a.token.rsplit("-", 2)[-2])  # "{pid}-{n}" on disk, "{host}-{pid}-{n}" in Redis
     assert store.reclaim(clock(), dead_pids={pid + 1}) == 0  # someone else
     assert store.reclaim(clock(), dead_pids={pid}) == 1
     again = store.lease("add", 120, clock())

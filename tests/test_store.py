@@ -1,4 +1,8 @@
-"""The embedded store: states, counters, leases, retries, DLQ and the ledger."""
+"""The stores: states, counters, leases, retries, DLQ and the ledger.
+
+Tests taking the `store` fixture run on both backends (disk and Redis); `disk_store` and
+`redis_namespace` tests are about one backend.
+"""
 
 import pytest
 
@@ -161,17 +165,25 @@ def test_check_passes_on_a_healthy_store_and_finds_damage(store, clock):
     store.lease("add", 10, clock())  # one left leased
     assert store.check() == []
     # damage: a counter off by one, an orphan lease, a ledger entry lost
-    store.cache.incr("n:c:add:done", 1)
-    store.cache.set("q.add.lease-000000000000001.99.1-1", 99)
-    store.cache.delete("ledger:welcome:c:wm1")
+    if isinstance(store, DiskStore):
+        store.cache.incr("n:c:add:done", 1)
+        orphan = "q.add.lease-000000000000001.99.1-1"
+        store.cache.set(orphan, 99)
+        store.cache.delete("ledger:welcome:c:wm1")
+    else:
+        ns = store.namespace
+        store.r.hincrby(f"{ns}:n:c", "add:done", 1)
+        orphan = "lease:add:99:otherhost-1-1"
+        store.r.zadd(f"{ns}:lease:add", {"99:otherhost-1-1": 1.0})
+        store.r.delete(f"{ns}:ledger:welcome:c:wm1")
     problems = "\n".join(store.check())
     assert "counter done=2 but 1 leads are done" in problems
-    assert "orphan queue entry q.add.lease-000000000000001.99.1-1" in problems
+    assert f"orphan queue entry {orphan}" in problems
     assert "not in the welcome ledger" in problems
 
 
 @pytest.mark.parametrize("sqlite_says", ["database or disk is full", "attempt to write a readonly database"])
-def test_disk_full_or_read_only_is_a_clear_error_naming_the_path(store, clock, monkeypatch, sqlite_says):
+def test_disk_full_or_read_only_is_a_clear_error_naming_the_path(disk_store, clock, monkeypatch, sqlite_says):
     import contextlib
     import sqlite3
 
@@ -180,11 +192,11 @@ def test_disk_full_or_read_only_is_a_clear_error_naming_the_path(store, clock, m
         raise sqlite3.OperationalError(sqlite_says)
         yield
 
-    monkeypatch.setattr(store.cache, "transact", failing)
+    monkeypatch.setattr(disk_store.cache, "transact", failing)
     with pytest.raises(StoreError) as e:
-        store.put_leads("c", [lead()], clock())
+        disk_store.put_leads("c", [lead()], clock())
     msg = str(e.value)
-    assert store.path in msg and sqlite_says in msg and "read-only" in msg and "nothing was lost" in msg
+    assert disk_store.path in msg and sqlite_says in msg and "read-only" in msg and "nothing was lost" in msg
 
 
 def test_a_corrupt_or_foreign_store_is_refused_with_the_path(tmp_path):
@@ -194,6 +206,220 @@ def test_a_corrupt_or_foreign_store_is_refused_with_the_path(tmp_path):
     with pytest.raises(StoreError) as e:
         DiskStore(str(d))
     assert str(d / "store") in str(e.value)
+
+
+# -- both backends: timestamps and odd values round-trip exactly ---------------------------
+def test_times_and_fields_round_trip_exactly(store):
+    now = 1712345678.123456  # more digits than Lua's cjson keeps
+    nl = lead(name="O'Brien \"李\" / 测试", 城市="北京", empty="")
+    store.put_leads("c/1: x", [nl], now)
+    item = store.lease("add", 10.5, now)
+    assert item.expires == now + 10.5
+    rec = store.lead(item.id)
+    assert rec["imported_at"] == now and rec["add"]["at"] == now
+    assert rec["name"] == nl.name and rec["fields"] == {"城市": "北京", "empty": ""} and rec["row"] == 1
+    assert store.mark_intent(item, now + 0.000001) and item.intent == now + 0.000001
+    assert store.find_phone("c/1: x", nl.phone) == item.id and store.find_phone("c", nl.phone) is None
+    store.set_flag("fatal", {"api": "x", "errcode": 40001})
+    assert store.get_flag("fatal") == {"api": "x", "errcode": 40001}
+    store.set_flag("fatal", None)
+    assert store.get_flag("fatal") is None
+    assert store.campaigns() == ["c/1: x"]
+
+
+def test_revive_of_a_fixed_row_on_both_backends(store, clock):
+    store.put_leads("c", [lead(city="x")], clock())
+    item = store.lease("add", 10, clock())
+    store.bury(item, Failure(60111, "userid not found", "dead"), clock())
+    assert store.put_leads("c", [lead(city="x")], clock()).revived == 0  # same row: not a fix
+    r = store.put_leads("c", [lead(city="y"), lead(phone="+8613900139000")], clock())
+    assert (r.revived, r.accepted, len(r.duplicates)) == (1, 1, 0)
+    again = store.lease("add", 10, clock())
+    assert again.id == item.id and again.lead["fields"] == {"city": "y"} and again.attempts == 0
+    assert invariant(store)["stages"]["add"]["dead"] == 0
+    assert store.check() == []
+
+
+def test_welcome_skipped_and_late_outcomes_keep_counters(store, clock):
+    store.put_leads("c", [lead(), lead(phone="+8613900139000")], clock())
+    for _ in range(2):
+        a = store.lease("add", 10, clock())
+        store.complete(a, clock(), updates={"external_userid": "wm" + str(a.id)}, enqueue_next=True)
+    w1 = store.lease("welcome", 10, clock())
+    store.complete(w1, clock(), updates={"welcome_status": "already_sent"}, state="skipped", called=False)
+    w2 = store.lease("welcome", 10, clock())
+    clock.t += 11
+    assert store.maintain(clock()) == 1  # w2's lease lapsed
+    assert not store.renew(w2, 10, clock()) and not store.mark_intent(w2, clock())
+    store.release(w2, clock())  # not held: nothing happens
+    store.bury(w2, Failure(41001, "late", "dead"), clock())  # a late outcome is recorded
+    assert store.lease("welcome", 10, clock()) is None  # the stale ready entry is dropped
+    counts = invariant(store)["stages"]["welcome"]
+    assert (counts["skipped"], counts["dead"], counts["ready"]) == (1, 1, 0)
+    assert store.check() == []
+
+
+# -- Redis only ---------------------------------------------------------------------------
+def redis_store(url, namespace, **kw):
+    from wecomctl.store.redis import RedisStore
+
+    return RedisStore(url, namespace=namespace, **{"max_attempts": 3, "max_deliveries": 3, **kw})
+
+
+def test_redis_lease_survives_a_consumer_that_disappears(redis_namespace, clock):
+    url, ns = redis_namespace
+    a = redis_store(url, ns)
+    a.put_leads("c", [lead()], clock())
+    item = a.lease("add", 30, clock())
+    assert item.token.startswith(f"{a._host}-{__import__('os').getpid()}-")
+    a.close()  # the consumer is gone without an outcome
+    b = redis_store(url, ns)
+    assert b.lease("add", 30, clock()) is None
+    assert b.next_wakeup() == clock() + 30
+    clock.t += 29
+    assert b.maintain(clock()) == 0
+    clock.t += 2
+    assert b.maintain(clock()) == 1
+    again = b.lease("add", 30, clock())
+    assert again.id == item.id and again.deliveries == 2 and again.token != item.token
+    b.complete(again, clock(), enqueue_next=True)
+    assert invariant(b)["stages"]["add"]["done"] == 1 and b.check() == []
+    b.close()
+
+
+def test_redis_reclaim_leaves_other_hosts_leases_alone(redis_namespace, clock, monkeypatch):
+    import os
+
+    url, ns = redis_namespace
+    here = redis_store(url, ns)
+    there = redis_store(url, ns)
+    there._host = "another-host.example"  # a worker with the same pid on another machine
+    here.put_leads("c", [lead(), lead(phone="+8613900139000")], clock())
+    theirs = there.lease("add", 30, clock())
+    ours = here.lease("add", 30, clock())
+    assert theirs.token.startswith("another-host.example-")
+    assert here.reclaim(clock(), {os.getpid()}) == 1  # only ours: the pid means nothing there
+    assert here.lead(theirs.id)["add"]["state"] == "leased"
+    assert here.lead(ours.id)["add"]["state"] == "ready"
+    monkeypatch.setattr("wecomctl.store.redis._alive", lambda pid: False)
+    assert here.reclaim(clock()) == 0
+    clock.t += 31
+    assert here.maintain(clock()) == 1  # an expired lease of any host comes back
+    assert here.check() == []
+
+
+def test_redis_errors_name_the_server_never_the_password():
+    from wecomctl.store import open_store
+    from wecomctl.store.redis import RedisStore
+
+    for url in ("redis://:s3cretpw@127.0.0.1:1/0", "redis://app:s3cretpw@127.0.0.1:1/0",
+                "redis://127.0.0.1:1/0?password=s3cretpw"):
+        with pytest.raises(StoreError) as e:
+            RedisStore(url, namespace="wecomctl-test-refused")
+        msg = str(e.value)
+        assert "s3cretpw" not in msg and "127.0.0.1:1" in msg and "is Redis running" in msg, msg
+    with pytest.raises(StoreError) as e:
+        open_store("redis://:s3cretpw@127.0.0.1:1/0", max_attempts=3, max_deliveries=3)
+    assert "s3cretpw" not in str(e.value) and "redis://127.0.0.1:1/0" in str(e.value)
+
+
+def test_redis_path_is_the_url_without_password(redis_namespace):
+    from wecomctl.store import redact_url
+
+    url, ns = redis_namespace
+    assert redact_url("redis://:pw@h:6380/2") == "redis://h:6380/2"
+    assert redact_url("rediss://u:pw@h/0?password=pw&ssl_cert_reqs=none") == "rediss://u@h/0?ssl_cert_reqs=none"
+    assert redact_url("unix:///run/redis.sock?db=1&password=pw") == "unix:///run/redis.sock?db=1"
+    assert redis_store(url, ns).path == redact_url(url)
+
+
+def test_redis_put_leads_is_one_script_per_thousand_leads_in_one_round_trip(redis_namespace, clock, monkeypatch):
+    from redis.connection import Connection
+
+    url, ns = redis_namespace
+    s = redis_store(url, ns)
+    s.put_leads("warm", [lead()], clock())  # the scripts are loaded once
+    calls, sends = [], []
+    script = s._scripts["put"]
+    monkeypatch.setitem(s._scripts, "put", lambda *a, **k: calls.append(1) or script(*a, **k))
+    real_send = Connection.send_packed_command
+    monkeypatch.setattr(Connection, "send_packed_command",
+                        lambda self, *a, **k: sends.append(1) or real_send(self, *a, **k))
+    leads = [lead(phone=f"+86138{i:08d}") for i in range(5000)]
+    r = s.put_leads("c", leads + leads[:10], clock())
+    assert r.accepted == 5000 and [d[1] for d in r.duplicates] == list(range(2, 12))
+    assert len(calls) == 6  # 5,010 leads: six scripts
+    assert len(sends) <= 2  # one MULTI/EXEC (and a SCRIPT EXISTS)
+    assert invariant(s)["stages"]["add"]["ready"] == 5000
+    s.close()
+
+
+def test_redis_state_survives_reopen_and_format_is_checked(redis_namespace, clock):
+    url, ns = redis_namespace
+    redis_store(url, ns).put_leads("c", [lead()], clock())
+    s2 = redis_store(url, ns)
+    assert s2.counts()["c"]["imported"] == 1
+    s2.r.set(f"{ns}:meta.format", 99)
+    with pytest.raises(StoreError, match="format 99"):
+        redis_store(url, ns)
+
+
+def test_redis_missing_namespace_is_a_clear_error(redis_namespace):
+    url, ns = redis_namespace
+    with pytest.raises(StoreError, match="wecomctl import"):
+        redis_store(url, ns + "-nothing", create=False)
+
+
+def test_open_store_picks_the_backend(redis_namespace, tmp_path):
+    from wecomctl.store import open_store
+    from wecomctl.store.redis import RedisStore
+
+    url, ns = redis_namespace
+    s = open_store(f"{url}?namespace={ns}", max_attempts=4, max_deliveries=2)
+    assert isinstance(s, RedisStore) and s.namespace == ns and s.max_attempts == 4 and s.max_deliveries == 2
+    assert "namespace" not in s.path
+    d = open_store(str(tmp_path / "d"), max_attempts=4, max_deliveries=2)
+    assert isinstance(d, DiskStore) and d.max_deliveries == 2
+    with pytest.raises(StoreError, match="wecomctl import"):
+        open_store(str(tmp_path / "none"), max_attempts=4, max_deliveries=2, create=False)
+
+
+def test_open_store_without_the_redis_package_says_what_to_install(monkeypatch):
+    import sys
+
+    from wecomctl.store import open_store
+
+    monkeypatch.delitem(sys.modules, "wecomctl.store.redis", raising=False)
+    monkeypatch.setitem(sys.modules, "redis", None)
+    with pytest.raises(StoreError) as e:
+        open_store("redis://:pw@127.0.0.1/0", max_attempts=3, max_deliveries=3)
+    assert "pip install 'wecomctl[redis]'" in str(e.value) and "pw" not in str(e.value)
+
+
+def test_redis_consumers_on_several_connections_each_get_distinct_items(redis_namespace, clock):
+    import threading
+
+    url, ns = redis_namespace
+    stores = [redis_store(url, ns) for _ in range(4)]
+    stores[0].put_leads("c", [lead(phone=f"+86138{i:08d}") for i in range(400)], clock())
+    seen: list[int] = []
+
+    def consume(s):
+        while (item := s.lease("add", 30, clock())) is not None:
+            seen.append(item.id)
+            s.complete(item, clock(), updates={"external_userid": f"wm{item.id}"}, enqueue_next=True)
+
+    threads = [threading.Thread(target=consume, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(seen) == list(range(1, 401))  # each lead leased once, none lost
+    counts = invariant(stores[0])["stages"]
+    assert counts["add"]["done"] == 400 and counts["welcome"]["ready"] == 400
+    assert stores[0].check() == []
+    for s in stores:
+        s.close()
 
 
 def test_recent_outcomes_dlq_codes_and_oldest_ready(store, clock):
