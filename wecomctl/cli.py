@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from wecomctl import config as cfg
-from wecomctl.errors import EXIT_DEAD, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, WecomctlError
+from wecomctl.errors import EXIT_DEAD, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, StoreError, WecomctlError
 
 app = typer.Typer(
     help="Add campaign leads as WeCom customers and send the welcome, under WeCom's rate limits.\n\n"
@@ -35,6 +35,8 @@ err = Console(stderr=True, soft_wrap=True)
 ConfigOpt = typer.Option(None, "--config", "-c", help="Config file (default ./wecomctl.yaml if present, else built-in defaults).")
 DataDirOpt = typer.Option(None, "--data-dir", "-d", help="Data directory (default ./.wecomctl).")
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON.")
+StoreOpt = typer.Option(None, "--store", envvar="WECOMCTL_STORE",
+                        help="The queue: a redis://host:port/db URL shared by several machines (default: run.store, else the data dir).")
 
 
 def _fail(exc: WecomctlError) -> None:
@@ -42,8 +44,8 @@ def _fail(exc: WecomctlError) -> None:
     raise typer.Exit(exc.exit_code)
 
 
-def _settings(config: Optional[str], data_dir: Optional[str]) -> cfg.Settings:
-    return cfg.load(config, data_dir)
+def _settings(config: Optional[str], data_dir: Optional[str], store: Optional[str] = None) -> cfg.Settings:
+    return cfg.load(config, data_dir, store)
 
 
 def _log_spec(level: str, fmt: str, file: Optional[str], show_phones: bool) -> dict:
@@ -107,7 +109,7 @@ def import_cmd(
     name_column: Optional[str] = typer.Option(None, "--name-column", help="Header of the name column."),
     owner_column: Optional[str] = typer.Option(None, "--owner-column", help="Header of the owner column."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and report; enqueue nothing."),
-    config: Optional[str] = ConfigOpt, data_dir: Optional[str] = DataDirOpt, as_json: bool = JsonOpt,
+    store: Optional[str] = StoreOpt, config: Optional[str] = ConfigOpt, data_dir: Optional[str] = DataDirOpt, as_json: bool = JsonOpt,
 ):
     """Read lead files, normalise phones to E.164, dedupe and enqueue. Never calls WeCom.
 
@@ -120,7 +122,7 @@ def import_cmd(
     try:
         if not campaign:
             raise WecomctlError("--campaign is required (for example: wecomctl import leads.csv --campaign spring)")
-        s = _settings(config, data_dir)
+        s = _settings(config, data_dir, store)
         for f in files:
             if os.path.isdir(f):
                 raise WecomctlError(f"{f} is a directory; pass the lead files in it")
@@ -128,7 +130,10 @@ def import_cmd(
                 raise WecomctlError(f"file not found: {f}")
         if dry_run:
             # Read what the campaign already holds, if anything; never create a store.
-            store = open_store(s) if os.path.isdir(os.path.join(s.data_dir, "store")) else None
+            try:
+                store = open_store(s, create=False)
+            except StoreError:
+                store = None
         else:
             store = open_store(s)
         opts = ReadOptions(encoding=encoding, delimiter=delimiter, phone_column=phone_column,
@@ -136,7 +141,7 @@ def import_cmd(
         # A dry run writes nothing at all: its report is on the screen.
         imp = Importer(store, campaign, owner=owner, staff=s.staff_for(campaign.strip()), options=opts,
                        rejects_dir=None if dry_run else os.path.join(s.data_dir, "rejects"), dry_run=dry_run,
-                       template=s.welcome_for(campaign.strip()).text)
+                       template=s.welcome_for(campaign.strip()).text, data_dir=s.data_dir)
         try:
             with _ImportProgress(err) as progress:
                 imp.on_progress = progress.update
@@ -189,7 +194,7 @@ def run(
     log_format: str = typer.Option("text", "--log-format", help="text, or json: one object a line with ts, level, campaign, stage, lead, errcode."),
     log_file: Optional[str] = typer.Option(None, "--log-file", help="Append logs to this file instead of stderr (all processes)."),
     show_phones: bool = typer.Option(False, "--log-phones", help="Write whole phone numbers in logs (masked as 138****8000 by default)."),
-    config: Optional[str] = ConfigOpt, data_dir: Optional[str] = DataDirOpt, as_json: bool = JsonOpt,
+    store: Optional[str] = StoreOpt, config: Optional[str] = ConfigOpt, data_dir: Optional[str] = DataDirOpt, as_json: bool = JsonOpt,
 ):
     """Add every queued lead and send the welcome, under the configured rate limits.
 
@@ -200,7 +205,7 @@ def run(
 
     try:
         log_spec = _log_spec(log_level, log_format, log_file, show_phones)
-        s = _settings(config, data_dir)
+        s = _settings(config, data_dir, store)
         n = workers or s.run.workers or os.cpu_count() or 1
         interval = progress_interval if progress_interval is not None else s.run.progress_interval_s
         # With --json, stdout carries only the JSON; progress goes to stderr.
@@ -242,10 +247,10 @@ def _print_run_summary(result, as_json: bool) -> None:
 
 
 # --- status / export / dlq ----------------------------------------------------------------
-def _open_existing(config, data_dir):
+def _open_existing(config, data_dir, store=None):
     from wecomctl.pipeline.worker import open_store
 
-    s = _settings(config, data_dir)
+    s = _settings(config, data_dir, store)
     return s, open_store(s, create=False)
 
 
@@ -270,7 +275,7 @@ def status(
     prometheus: Optional[str] = typer.Option(None, "--prometheus", help="Also write the figures to FILE in the Prometheus text format (atomically; for node_exporter's textfile collector)."),
     check_alerts: bool = typer.Option(False, "--check", help="Exit 1 when an alert threshold (alerts: in the config) is crossed; 0 otherwise."),
     notify: bool = typer.Option(False, "--notify", help="Send the alerts in force to the group robot (deduplicated and rate-limited)."),
-    config: Optional[str] = ConfigOpt, data_dir: Optional[str] = DataDirOpt, as_json: bool = JsonOpt,
+    store: Optional[str] = StoreOpt, config: Optional[str] = ConfigOpt, data_dir: Optional[str] = DataDirOpt, as_json: bool = JsonOpt,
 ):
     """Queue depths per stage and state, error rate and throughput over 5 minutes, the age of
     the oldest waiting item, dead letters by errcode, pauses and alerts.
@@ -283,7 +288,7 @@ def status(
     from wecomctl.report.notify import Notifier
 
     try:
-        s, store = _open_existing(config, data_dir)
+        s, store = _open_existing(config, data_dir, store)
         if campaign is not None and campaign not in store.campaigns():
             raise WecomctlError(f"no campaign {campaign!r} in {s.data_dir} (campaigns: {', '.join(store.campaigns()) or 'none'})")
         while True:
@@ -354,19 +359,34 @@ def export(
     fmt: str = typer.Option("csv", "--format", "-f", help="csv or jsonl."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="File to write (atomically); default stdout."),
     campaign: Optional[str] = typer.Option(None, "--campaign", help="Only this campaign."),
-    config: Optional[str] = ConfigOpt, data_dir: Optional[str] = DataDirOpt,
+    status_: Optional[str] = typer.Option(None, "--status", help="Only leads in these states, comma-separated: welcomed, already_welcomed, dead, in_progress."),
+    mask_phones: bool = typer.Option(False, "--mask-phones", help="Write phones as +86138****8000 (for sharing the file)."),
+    store: Optional[str] = StoreOpt, config: Optional[str] = ConfigOpt, data_dir: Optional[str] = DataDirOpt,
 ):
-    """One row per lead: phone, owner, external_userid, add/welcome status, error.
+    """One row per lead: phone, owner, external_userid, overall and per-stage status, error.
 
-    Example: wecomctl export --format csv -o results.csv
+    Example: wecomctl export --status dead --mask-phones -o dead.csv
     """
-    from wecomctl.report.export import export as do_export, result_row
+    from wecomctl.report.export import STATUSES, export as do_export, mask, result_row
+
+    wanted = {x.strip() for x in status_.split(",") if x.strip()} if status_ else None
+
+    def rows(leads):
+        for lead in leads:
+            row = result_row(lead)
+            if wanted and row["status"] not in wanted:
+                continue
+            if mask_phones:
+                row["phone"] = mask(row["phone"])
+            yield row
 
     try:
         if fmt not in ("csv", "jsonl"):
             raise WecomctlError(f"--format must be csv or jsonl, not {fmt!r}")
-        s, store = _open_existing(config, data_dir)
-        n = do_export((result_row(lead) for lead in store.leads(campaign)), fmt, output)
+        if wanted and wanted - set(STATUSES):
+            raise WecomctlError(f"--status takes {', '.join(STATUSES)}; not {', '.join(sorted(wanted - set(STATUSES)))}")
+        s, store = _open_existing(config, data_dir, store)
+        n = do_export(rows(store.leads(campaign)), fmt, output)
         store.close()
     except WecomctlError as exc:
         _fail(exc)
@@ -382,7 +402,7 @@ def retry_dlq(
     kind: Optional[str] = typer.Option(None, "--kind", help="Only this kind: ambiguous, network, poison, invalid, dead, retry, ..."),
     limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Move at most this many."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Count what would move; move nothing."),
-    config: Optional[str] = ConfigOpt, data_dir: Optional[str] = DataDirOpt, as_json: bool = JsonOpt,
+    store: Optional[str] = StoreOpt, config: Optional[str] = ConfigOpt, data_dir: Optional[str] = DataDirOpt, as_json: bool = JsonOpt,
 ):
     """Move dead letters back to ready, for transient causes (an outage, a raised quota, an
     ambiguous call you checked). To fix data (a wrong owner, a typo), re-import the fixed
@@ -395,7 +415,7 @@ def retry_dlq(
     try:
         if stage not in (None, "add", "welcome", "writeback"):
             raise WecomctlError(f"--stage must be add, welcome or writeback, not {stage!r}")
-        s, store = _open_existing(config, data_dir)
+        s, store = _open_existing(config, data_dir, store)
         n = store.requeue_dead(stage, campaign, time.time(), errcode=errcode, limit=limit, dry_run=dry_run, kind=kind)
         store.close()
     except WecomctlError as exc:
@@ -408,14 +428,15 @@ def retry_dlq(
 
 
 @app.command()
-def check(config: Optional[str] = ConfigOpt, data_dir: Optional[str] = DataDirOpt, as_json: bool = JsonOpt):
+def check(store: Optional[str] = StoreOpt, config: Optional[str] = ConfigOpt, data_dir: Optional[str] = DataDirOpt,
+          as_json: bool = JsonOpt):
     """Verify the store: counters agree with the leads, no orphan lease, every lead in exactly
     one state per stage, the welcome ledger agrees with the results. Exit 1 if anything is wrong.
 
     Example: wecomctl check -d .wecomctl
     """
     try:
-        s, store = _open_existing(config, data_dir)
+        s, store = _open_existing(config, data_dir, store)
         problems = store.check()
         counts = status_data(store.counts(), None)
         store.close()
@@ -439,7 +460,7 @@ def dlq_list(
     stage: Optional[str] = typer.Option(None, "--stage", help="add, welcome or writeback."),
     campaign: Optional[str] = typer.Option(None, "--campaign", help="Only this campaign."),
     errcode: Optional[int] = typer.Option(None, "--errcode", help="Only dead letters with this errcode."),
-    config: Optional[str] = ConfigOpt, data_dir: Optional[str] = DataDirOpt, as_json: bool = JsonOpt,
+    store: Optional[str] = StoreOpt, config: Optional[str] = ConfigOpt, data_dir: Optional[str] = DataDirOpt, as_json: bool = JsonOpt,
 ):
     """List dead letters: who, why (errcode, its meaning, what to do), attempts.
 
@@ -450,7 +471,7 @@ def dlq_list(
     try:
         if stage not in (None, "add", "welcome", "writeback"):
             raise WecomctlError(f"--stage must be add, welcome or writeback, not {stage!r}")
-        s, store = _open_existing(config, data_dir)
+        s, store = _open_existing(config, data_dir, store)
         rows = list(dead_letters(store.leads(campaign), stage, errcode))
         store.close()
     except WecomctlError as exc:
@@ -469,6 +490,47 @@ def dlq_list(
     out.print(f"{len(rows)} dead letters", highlight=False)
     for reason, what in todo.items():
         out.print(f"  {reason}: {what}", highlight=False, markup=False)
+
+
+@dlq_app.command("export")
+def dlq_export(
+    output: str = typer.Option(..., "--output", "-o", help="File to write (atomically); - for stdout."),
+    fmt: str = typer.Option("csv", "--format", "-f", help="csv (opens in Excel) or jsonl."),
+    stage: Optional[str] = typer.Option(None, "--stage", help="add, welcome or writeback."),
+    campaign: Optional[str] = typer.Option(None, "--campaign", help="Only this campaign."),
+    errcode: Optional[int] = typer.Option(None, "--errcode", help="Only dead letters with this errcode."),
+    mask_phones: bool = typer.Option(False, "--mask-phones", help="Write phones as +86138****8000."),
+    store: Optional[str] = StoreOpt, config: Optional[str] = ConfigOpt, data_dir: Optional[str] = DataDirOpt,
+):
+    """Write the dead letters to a file for a person to fix the data: who, errcode, what it
+    means and what to do. Fix the rows, then import them again over their dead letters.
+
+    Example: wecomctl dlq export -o to-fix.csv --stage add
+    """
+    from wecomctl.report.export import DLQ_COLUMNS, dead_letters, export as do_export, mask
+
+    def rows(letters):
+        import time
+
+        for r in letters:
+            if mask_phones:
+                r["phone"] = mask(r["phone"])
+            if r.get("at"):
+                r["at"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"]))
+            yield r
+
+    try:
+        if fmt not in ("csv", "jsonl"):
+            raise WecomctlError(f"--format must be csv or jsonl, not {fmt!r}")
+        if stage not in (None, "add", "welcome", "writeback"):
+            raise WecomctlError(f"--stage must be add, welcome or writeback, not {stage!r}")
+        s, store = _open_existing(config, data_dir, store)
+        n = do_export(rows(dead_letters(store.leads(campaign), stage, errcode)), fmt, output, DLQ_COLUMNS)
+        store.close()
+    except WecomctlError as exc:
+        _fail(exc)
+    if output != "-":
+        err.print(f"exported {n} dead letters to {output}")
 
 
 # --- simulate / demo ----------------------------------------------------------------------

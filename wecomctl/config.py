@@ -166,6 +166,10 @@ class RunSettings:
     # talks to the same corp or gateway (whatever its data dir). "" = $WECOMCTL_SHARED_DIR,
     # else ~/.cache/wecomctl.
     shared_dir: str = ""
+    # Where the queue lives: "" = the embedded store in the data dir; a redis://host:port/db
+    # URL (optionally ?namespace=name) = one Redis shared by every machine, which then also
+    # holds the rate-limit state and the access token. --store or $WECOMCTL_STORE override.
+    store: str = ""
 
     def shared_path(self) -> str:
         if self.shared_dir:
@@ -281,7 +285,7 @@ def _merge_limits(current: dict[str, Limit], data: Any, where: str, source: str)
     return out
 
 
-def load(path: str | None = None, data_dir: str | None = None) -> Settings:
+def load(path: str | None = None, data_dir: str | None = None, store: str | None = None) -> Settings:
     """Load settings. `path` None: ./wecomctl.yaml when present, else built-in defaults."""
     settings = Settings()
     chosen = path
@@ -304,6 +308,8 @@ def load(path: str | None = None, data_dir: str | None = None) -> Settings:
         settings.source = chosen
     if data_dir is not None:
         settings.data_dir = data_dir
+    if store:
+        settings.run.store = store
     _validate(settings)
     return settings
 
@@ -320,6 +326,8 @@ def _validate(s: Settings) -> None:
         if welcome.attachments and welcome.provider == "gateway":
             raise ConfigError(f"{s.source}: `{name}.attachments` need the msg_template or welcome_code provider; "
                               "the gateway sends text only")
+    if s.run.store and not s.run.store.lower().startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"{s.source}: `run.store` must be empty (the data dir) or a redis://host:port/db URL")
     if s.run.concurrency < 1:
         raise ConfigError(f"{s.source}: `run.concurrency` must be at least 1")
     if s.run.lease_s < 1:

@@ -27,6 +27,7 @@ ENV = "WECOMCTL_CRASH_AT"
 def crash_point(name: str, data_dir: str) -> None:
     if os.environ.get(ENV) != name:
         return
+    os.makedirs(data_dir, exist_ok=True)
     marker = os.path.join(data_dir, f".crashed-{name}")
     try:
         fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)

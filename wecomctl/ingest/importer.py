@@ -68,10 +68,12 @@ class Importer:
     def __init__(self, store, campaign: str, owner: str | None = None, staff: list[str] | None = None,
                  options: ReadOptions | None = None, rejects_dir: str | None = None,
                  dry_run: bool = False, template: str | None = None, clock=time.time,
-                 on_progress=None):
+                 on_progress=None, data_dir: str | None = None):
         if not campaign or not campaign.strip():
             raise InputError("--campaign is required and must not be empty (for example --campaign spring-sale)")
         self.store = store
+        # for crash markers (tests); the store may be a Redis URL
+        self.data_dir = data_dir or (os.path.dirname(store.path) if store is not None else None)
         self.campaign = campaign.strip()
         self.owner = owner
         self.staff = [s for s in (staff or []) if s]
@@ -189,7 +191,7 @@ class Importer:
                     fr.accepted += 1
             return
         res = self.store.put_leads(self.campaign, batch, self.clock())
-        crash_point("import.after_batch", os.path.dirname(self.store.path))
+        crash_point("import.after_batch", self.data_dir)
         fr.accepted += res.accepted
         fr.revived += res.revived
         fr.skipped += len(res.duplicates)

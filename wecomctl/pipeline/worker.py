@@ -21,17 +21,18 @@ import httpx
 
 from wecomctl import logs
 from wecomctl.config import APIS, Settings
-from wecomctl.errors import StoreError, WecomctlError
+from wecomctl.errors import WecomctlError
 from wecomctl.pipeline.handlers import Context, FatalStop, process
 from wecomctl.pipeline.retry import Backoff
 from wecomctl.pipeline.writeback import WritebackClient
-from wecomctl.ratelimit.limiter import FileLimiterBackend, RateLimiter
+from wecomctl.ratelimit import is_redis_url, make_backend
+from wecomctl.ratelimit.limiter import RateLimiter
+from wecomctl.store import open_store as store_factory
 from wecomctl.store.base import STAGES
-from wecomctl.store.disk import DiskStore
 from wecomctl.wecom import errcodes
 from wecomctl.wecom.client import GatewayClient, HttpApi, WecomClient
 from wecomctl.wecom.providers import GatewayAdd, GatewayWelcome, MsgTemplateWelcome, WelcomeCodeWelcome
-from wecomctl.wecom.token import TokenCache
+from wecomctl.wecom.token import make_token_cache
 
 log = logging.getLogger("wecomctl.worker")
 
@@ -41,10 +42,21 @@ EXIT_FATAL = 3
 EXIT_CRASHED = 70  # a bug in a worker (EX_SOFTWARE); the parent reports it
 
 
-def open_store(settings: Settings, create: bool = True) -> DiskStore:
-    return DiskStore(settings.data_dir, max_attempts=settings.retry.max_attempts,
-                     max_deliveries=settings.run.max_deliveries, create=create,
-                     writeback=bool(settings.writeback.url))
+def open_store(settings: Settings, create: bool = True):
+    """The embedded store in the data dir, or the Redis store when run.store is a URL."""
+    return store_factory(settings.run.store or settings.data_dir, max_attempts=settings.retry.max_attempts,
+                         max_deliveries=settings.run.max_deliveries, create=create,
+                         writeback=bool(settings.writeback.url))
+
+
+def _shared_redis(settings: Settings) -> str | None:
+    """The Redis URL the limiter and the token share, when the store is on Redis (its
+    ?namespace= belongs to the store: limits are per corp, whatever the namespace)."""
+    if not is_redis_url(settings.run.store):
+        return None
+    from wecomctl.store import _namespace
+
+    return _namespace(settings.run.store)[0]
 
 
 def make_limiter(settings: Settings, clock=time.time) -> RateLimiter:
@@ -54,10 +66,7 @@ def make_limiter(settings: Settings, clock=time.time) -> RateLimiter:
     gateway_scope = _scope(settings.gateway.base_url)
     scopes = {api: gateway_scope if api in GATEWAY_APIS else wecom_scope for api in APIS}
     scopes["writeback"] = _scope(settings.writeback.url or "writeback")
-    try:
-        backend = FileLimiterBackend(str(shared / "limits"))
-    except OSError as exc:
-        raise StoreError(f"cannot use the shared dir {shared}: {exc.strerror or exc} (set run.shared_dir)") from None
+    backend = make_backend(_shared_redis(settings), str(shared))
     return RateLimiter(backend, settings.limits, clock=clock, scopes=scopes)
 
 
@@ -75,8 +84,8 @@ def build_context(settings: Settings, store, stop: threading.Event, clock=time.t
     if providers & {"msg_template", "welcome_code"}:
         client = WecomClient(
             settings.wecom.base_url, settings.wecom.corp_id, settings.corp_secret(), api,
-            lambda fetch: TokenCache(str(shared / "tokens"), settings.wecom.corp_id, wecom_scope,
-                                     settings.wecom.token_refresh_margin_s, fetch, clock=clock),
+            lambda fetch: make_token_cache(_shared_redis(settings), str(shared), settings.wecom.corp_id, wecom_scope,
+                                           settings.wecom.token_refresh_margin_s, fetch, clock=clock),
         )
         welcome["msg_template"] = MsgTemplateWelcome(client)
         welcome["welcome_code"] = WelcomeCodeWelcome(client)

@@ -12,8 +12,28 @@ from typing import Any, Iterable, TextIO
 from wecomctl.errors import UsageError
 from wecomctl.store.base import STAGES
 
-COLUMNS = ["id", "campaign", "phone", "name", "owner", "external_userid", "add_status",
+COLUMNS = ["id", "campaign", "phone", "name", "owner", "external_userid", "status", "add_status",
            "welcome_status", "errcode", "error", "attempts", "source", "row", "writeback_status"]
+DLQ_COLUMNS = ["id", "campaign", "stage", "phone", "name", "owner", "errcode", "kind", "error", "meaning", "todo",
+               "attempts", "at"]
+# The lead's overall status (export --status filters on it).
+STATUSES = ("welcomed", "already_welcomed", "dead", "in_progress")
+
+
+def overall(lead: dict) -> str:
+    add, welcome = lead.get("add") or {}, lead.get("welcome") or {}
+    if welcome.get("state") == "done":
+        return "welcomed"
+    if welcome.get("state") == "skipped":
+        return "already_welcomed"
+    if "dead" in (add.get("state"), welcome.get("state")):
+        return "dead"
+    return "in_progress"
+
+
+def mask(phone: str) -> str:
+    """+8613800138000 -> +86138****8000: enough to recognise, not enough to call."""
+    return phone[:-8] + "****" + phone[-4:] if len(phone) >= 11 else "****"
 
 
 def _stage_status(lead: dict, stage: str) -> str:
@@ -39,7 +59,7 @@ def result_row(lead: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": lead["id"], "campaign": lead["campaign"], "phone": lead["phone"], "name": lead.get("name") or "",
         "owner": lead.get("owner") or "", "external_userid": lead.get("external_userid") or "",
-        "add_status": add_status, "welcome_status": _stage_status(lead, "welcome"),
+        "status": overall(lead), "add_status": add_status, "welcome_status": _stage_status(lead, "welcome"),
         "errcode": failing.get("errcode"), "error": failing.get("error") or "",
         # calls made for this lead, both stages, successful ones included
         "attempts": (add.get("calls") or 0) + (welcome.get("calls") or 0),
@@ -48,10 +68,10 @@ def result_row(lead: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def write(rows: Iterable[dict[str, Any]], fmt: str, out: TextIO) -> int:
+def write(rows: Iterable[dict[str, Any]], fmt: str, out: TextIO, columns: list[str] = COLUMNS) -> int:
     n = 0
     if fmt == "csv":
-        w = csv.DictWriter(out, fieldnames=COLUMNS)
+        w = csv.DictWriter(out, fieldnames=columns)
         w.writeheader()
         for r in rows:
             w.writerow(r)  # None is written as an empty cell
@@ -63,15 +83,15 @@ def write(rows: Iterable[dict[str, Any]], fmt: str, out: TextIO) -> int:
     return n
 
 
-def export(rows: Iterable[dict[str, Any]], fmt: str, path: str | None) -> int:
+def export(rows: Iterable[dict[str, Any]], fmt: str, path: str | None, columns: list[str] = COLUMNS) -> int:
     if path is None or path == "-":
-        return write(rows, fmt, sys.stdout)
+        return write(rows, fmt, sys.stdout, columns)
     target = Path(path)
     tmp = target.with_name(f".{target.name}.tmp")
     enc = "utf-8-sig" if fmt == "csv" else "utf-8"  # Excel needs the BOM for Chinese
     try:
         with open(tmp, "w", newline="", encoding=enc) as fh:
-            n = write(rows, fmt, fh)
+            n = write(rows, fmt, fh, columns)
         os.replace(tmp, target)
     except OSError as exc:
         try:

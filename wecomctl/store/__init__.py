@@ -51,7 +51,8 @@ def _namespace(url: str) -> tuple[str, str | None]:
     return _join(parts.scheme, parts.netloc, parts.path, rest, parts.fragment), names[-1]
 
 
-def open_store(location: str, *, max_attempts: int, max_deliveries: int, create: bool = True):
+def open_store(location: str, *, max_attempts: int, max_deliveries: int, create: bool = True,
+               writeback: bool = False):
     """A RedisStore for a redis://, rediss:// or unix:// URL (its keys under the URL's
     `?namespace=` or "wecomctl"), else a DiskStore in the data dir `location`."""
     if is_redis_url(location):
@@ -65,8 +66,10 @@ def open_store(location: str, *, max_attempts: int, max_deliveries: int, create:
                                  "is not installed: pip install 'wecomctl[redis]'") from None
             raise
         url, namespace = _namespace(location)
+        extra = {"writeback": writeback} if writeback else {}
         return RedisStore(url, namespace=namespace or "wecomctl", max_attempts=max_attempts,
-                          max_deliveries=max_deliveries, create=create)
+                          max_deliveries=max_deliveries, create=create, **extra)
     from wecomctl.store.disk import DiskStore
 
-    return DiskStore(location, max_attempts=max_attempts, max_deliveries=max_deliveries, create=create)
+    return DiskStore(location, max_attempts=max_attempts, max_deliveries=max_deliveries, create=create,
+                     writeback=writeback)

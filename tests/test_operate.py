@@ -1,0 +1,157 @@
+"""Operating a campaign, end to end over real sockets: logs, status, Prometheus, alerts to
+the group robot, write-back to the business system, dead-letter export, secrets."""
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+
+import httpx
+import yaml
+
+from test_e2e import cli, make_leads
+from wecomctl import config as cfg
+from wecomctl.simulator import SimConfig, start_in_thread
+
+MOBILE = re.compile(r"(?<!\d)1[3-9]\d{9}(?!\d)")
+
+
+def setup(tmp_path, handle, sc, writeback=False, **sections):
+    """A config for the simulator with some sections changed, and the leads imported."""
+    data = yaml.safe_load(cfg.simulator_config(handle.url, sc, writeback=writeback))
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    conf = tmp_path / "c.yaml"
+    conf.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    d = str(tmp_path / "d")
+    leads = tmp_path / "l.csv"
+    valid, unknown = make_leads(leads, n_valid=60, n_invalid=0, n_unknown=12, n_dupes=0)
+    cli("import", str(leads), "--campaign", "op", "--config", str(conf), "--data-dir", d)
+    return str(conf), d, valid, unknown
+
+
+def sim_get(handle, path):
+    return httpx.get(f"{handle.url}{path}", timeout=5).json()
+
+
+def test_json_logs_masked_phones_and_no_secret_anywhere(tmp_path):
+    sc = SimConfig(busy_rate=0.2, seed=5)
+    with start_in_thread(sc) as handle:
+        conf, d, valid, unknown = setup(tmp_path, handle, sc, writeback=True)
+        log = tmp_path / "run.log"
+        run = cli("run", "--config", conf, "--data-dir", d, "--workers", "2", "--log-level", "DEBUG",
+                  "--log-format", "json", "--log-file", str(log))
+        assert run.returncode == 1, run.stderr  # the unknown numbers are dead
+        lines = log.read_text(encoding="utf-8").splitlines()
+        records = [json.loads(line) for line in lines]  # every line is one JSON object
+        assert records and all({"ts", "level", "logger", "message"} <= set(r) for r in records)
+        failed = [r for r in records if r.get("errcode") == 910001]
+        assert failed and all(r["campaign"] == "op" and r["stage"] == "add" and r["lead"] for r in failed)
+        assert any("****" in r["message"] for r in records)  # phones are there, masked
+        assert not MOBILE.search(log.read_text(encoding="utf-8"))
+        # every place a run writes: logs, output, DLQ and result exports, rejects, the store
+        dlq = cli("dlq", "list", "--json", "--config", conf, "--data-dir", d).stdout
+        exp = cli("export", "--config", conf, "--data-dir", d).stdout
+        cli("dlq", "export", "-o", str(tmp_path / "dlq.csv"), "--config", conf, "--data-dir", d)
+        token = sim_get(handle, "/_sim/stats")  # the simulator never shows its credentials
+        assert sc.corp_secret not in json.dumps(token)
+        texts = [log.read_text(encoding="utf-8"), run.stdout, run.stderr, dlq, exp,
+                 (tmp_path / "dlq.csv").read_text(encoding="utf-8-sig")]
+        for root, _dirs, files in os.walk(d):
+            for name in files:
+                texts.append(open(os.path.join(root, name), "rb").read().decode("utf-8", "replace"))
+        for secret in (sc.corp_secret, sc.gateway_key, sc.robot_key):
+            assert not any(secret in t for t in texts), secret
+
+
+def test_status_json_prometheus_and_check(tmp_path):
+    sc = SimConfig(seed=2)
+    with start_in_thread(sc) as handle:
+        conf, d, valid, unknown = setup(tmp_path, handle, sc, alerts={"dlq_growth": 5, "robot_key": ""})
+        cli("run", "--config", conf, "--data-dir", d, "--workers", "1")
+        prom = tmp_path / "wecomctl.prom"
+        st = cli("status", "--json", "--check", "--prometheus", str(prom), "--config", conf, "--data-dir", d)
+        data = json.loads(st.stdout)
+        add = data["campaigns"]["op"]["stages"]["add"]
+        assert add["done"] == 60 and add["dead"] == 12 and add["dead_by_code"] == {"910001": 12}
+        assert add["done_5m"] == 60 and add["failed_5m"] == 12 and add["error_rate_5m"] == round(12 / 72, 4)
+        assert add["oldest_ready_s"] is None and data["dead_by_code"] == {"910001": 12}
+        assert [a["key"] for a in data["alerts"]] == ["dlq:op:add"]
+        assert st.returncode == 1  # --check: an alert is in force
+        text = prom.read_text(encoding="utf-8")
+        assert 'wecomctl_items{campaign="op",stage="add",state="done"} 60' in text
+        assert 'wecomctl_dead_letters{campaign="op",stage="add",errcode="910001"} 12' in text
+        assert 'wecomctl_alerts{alert="dlq:op:add"} 1' in text
+        assert not list(tmp_path.glob(".wecomctl.prom.*"))  # written by rename, nothing left over
+        # below the thresholds --check passes
+        relaxed = tmp_path / "relaxed.yaml"
+        body = yaml.safe_load(open(conf, encoding="utf-8"))
+        body["alerts"].update(dlq_growth=0, error_rate=0)
+        relaxed.write_text(yaml.safe_dump(body), encoding="utf-8")
+        ok = cli("status", "--check", "--config", str(relaxed), "--data-dir", d)
+        assert ok.returncode == 0, ok.stdout
+
+
+def test_a_storm_of_dead_letters_sends_one_robot_message(tmp_path):
+    sc = SimConfig(seed=4)
+    with start_in_thread(sc) as handle:
+        conf, d, valid, unknown = setup(tmp_path, handle, sc, alerts={"dlq_growth": 3, "min_interval_s": 600})
+        cli("run", "--config", conf, "--data-dir", d, "--workers", "2")
+        messages = sim_get(handle, "/_sim/robot")
+        assert len(messages) == 1, messages
+        assert messages[0]["msgtype"] == "markdown" and "dead letters" in messages[0]["content"]
+        # cron asking again: the alert still holds, but it was told already
+        again = cli("status", "--check", "--notify", "--json", "--config", conf, "--data-dir", d)
+        assert again.returncode == 1 and json.loads(again.stdout)["notified"] == []
+        assert len(sim_get(handle, "/_sim/robot")) == 1
+
+
+def test_write_back_delivers_every_outcome_once_through_failures(tmp_path):
+    sc = SimConfig(seed=6, writeback_fail_rate=0.3, writeback_lost_reply_rate=0.2)
+    with start_in_thread(sc) as handle:
+        conf, d, valid, unknown = setup(tmp_path, handle, sc, writeback=True)
+        run = cli("run", "--config", conf, "--data-dir", d, "--workers", "2", "--json")
+        summary = json.loads(run.stdout)
+        assert summary["stages"]["writeback"]["done"] == 72, summary
+        got = sim_get(handle, "/_sim/writeback")
+        stats = sim_get(handle, "/_sim/stats")
+        by_lead = {}
+        for key, body in got.items():
+            by_lead.setdefault(body["lead_id"], []).append(body)
+        assert len(got) == 72 and len(by_lead) == 72  # each outcome stored once
+        assert stats["writeback_posts"] > 72 and stats["writeback_repeats"] > 0  # failures were retried
+        welcomed = [b[0] for b in by_lead.values() if b[0]["status"] == "welcomed"]
+        dead = [b[0] for b in by_lead.values() if b[0]["status"] == "dead"]
+        assert len(welcomed) == 60 and len(dead) == 12
+        assert all(b["errcode"] == 910001 and b["add_status"] == "dead" for b in dead)
+        assert all(b["external_userid"] and b["welcome_status"] == "task_created" for b in welcomed)
+        # replaying the dead letters ends them again: the new outcome is written back too
+        cli("retry-dlq", "--stage", "add", "--config", conf, "--data-dir", d)
+        cli("run", "--config", conf, "--data-dir", d, "--workers", "1")
+        got = sim_get(handle, "/_sim/writeback")
+        assert len(got) == 84
+        versions = sorted(b["version"] for b in got.values() if b["status"] == "dead")
+        assert versions == [1] * 12 + [2] * 12
+        check = cli("check", "--config", conf, "--data-dir", d)
+        assert check.returncode == 0, check.stdout
+
+
+def test_export_filters_and_dlq_export(tmp_path):
+    sc = SimConfig(seed=8)
+    with start_in_thread(sc) as handle:
+        conf, d, valid, unknown = setup(tmp_path, handle, sc)
+        cli("run", "--config", conf, "--data-dir", d, "--workers", "1")
+        out = tmp_path / "dead.csv"
+        cli("export", "--status", "dead", "--mask-phones", "-o", str(out), "--config", conf, "--data-dir", d)
+        rows = list(csv.DictReader(open(out, encoding="utf-8-sig")))
+        assert len(rows) == 12 and all(r["status"] == "dead" and "****" in r["phone"] for r in rows)
+        assert {r["phone"][-4:] for r in rows} == {u[-4:] for u in unknown}
+        bad = cli("export", "--status", "gone", "--config", conf, "--data-dir", d, check=False)
+        assert bad.returncode == 2 and "welcomed" in bad.stderr
+        fix = tmp_path / "fix.csv"
+        cli("dlq", "export", "-o", str(fix), "--stage", "add", "--config", conf, "--data-dir", d)
+        letters = list(csv.DictReader(open(fix, encoding="utf-8-sig")))
+        assert len(letters) == 12 and all(r["errcode"] == "910001" and r["todo"] for r in letters)
+        assert {r["phone"] for r in letters} == {f"+86{u}" for u in unknown}
