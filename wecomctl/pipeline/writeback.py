@@ -28,6 +28,7 @@ RETRY_STATUS = {408, 425, 429}
 def payload(lead: dict[str, Any], version: int, now: float) -> dict[str, Any]:
     row = result_row(lead)
     row.pop("attempts", None)
+    row.pop("writeback_status", None)  # this very delivery
     return {"event": "wecomctl.outcome", "version": version, "at": round(now, 3),
             "lead_id": row.pop("id"), **row}
 
