@@ -346,3 +346,36 @@ def test_bad_attachments_dead_letter_without_any_call(store, clock, attachments,
     assert process(ctx, store.lease("add", 30, clock())) == "dead"
     st = state(store, "add")
     assert add.calls == 0 and welcome.calls == 0 and st["kind"] == "invalid" and words in st["error"]
+
+
+def test_patient_waits_out_an_unavailable_store_and_gives_up_on_stop(monkeypatch, caplog):
+    import threading
+
+    from wecomctl.errors import Unavailable
+    from wecomctl.pipeline import patience
+
+    monkeypatch.setattr(patience, "FIRST_WAIT_S", 0.001)
+
+    class Flaky:
+        path = "redis://host/0"
+
+        def __init__(self):
+            self.calls = 0
+
+        def counts(self):
+            self.calls += 1
+            if self.calls <= 3:
+                raise Unavailable("cannot reach the store")
+            return {"ok": self.calls}
+
+    stop = threading.Event()
+    target = Flaky()
+    store = patience.Patient(target, stop, "the store")
+    with caplog.at_level("WARNING"):
+        assert store.counts() == {"ok": 4} and store.path == "redis://host/0"
+    said = [r.getMessage() for r in caplog.records]
+    assert len([m for m in said if "unreachable" in m]) == 1 and any("is back" in m for m in said)
+    target.calls = 0
+    stop.set()
+    with pytest.raises(Unavailable):
+        store.counts()  # stopping: no more waiting

@@ -36,10 +36,19 @@ class StoreError(WecomctlError):
     """The data dir cannot be opened or written (names the path and what to do)."""
 
 
+class Unavailable(StoreError):
+    """The store or the shared state cannot be reached right now (Redis restarting, a
+    network cut, a long script running): waiting and trying again may be all it takes."""
+
+
 class SharedStateError(StoreError):
     """The state shared by the fleet (rate limits, the access token on Redis) cannot be
     used: Redis unreachable, refused the login, or the client is not installed. The
     message says what to do and never carries the password."""
+
+
+class SharedStateUnavailable(SharedStateError, Unavailable):
+    """The shared state's Redis cannot be reached right now."""
 
 
 class ApiError(WecomctlError):

@@ -19,6 +19,7 @@ from typing import Callable
 from wecomctl.config import Settings
 from wecomctl.errors import EXIT_DEAD, EXIT_FATAL, EXIT_OK, ApiError, NetworkError, WecomctlError
 from wecomctl.faults import crash_point
+from wecomctl.pipeline.patience import Patient
 from wecomctl.pipeline.worker import build_context, open_store, worker_main
 from wecomctl.report.notify import check_and_notify
 
@@ -66,7 +67,8 @@ def preflight(ctx) -> None:
 
 def run(settings: Settings, workers: int, until_empty: bool = True,
         on_tick: Callable[[dict, float], None] | None = None, log_spec: dict | None = None) -> RunResult:
-    store = open_store(settings, create=False)
+    stopping = threading.Event()  # set by a signal: stop waiting for an unreachable store
+    store = Patient(open_store(settings, create=False), stopping, "the store")
     # Build the clients once here so a missing secret or URL, a bad secret or an API that
     # cannot be reached fails before any process starts and before any item is touched.
     preflight(build_context(settings, store, threading.Event()))
@@ -90,6 +92,7 @@ def run(settings: Settings, workers: int, until_empty: bool = True,
 
     def on_signal(signum, _frame):
         signals.append(signum)
+        stopping.set()
         for p in procs:
             if p.pid is None or not p.is_alive():
                 continue

@@ -23,6 +23,7 @@ from wecomctl import logs
 from wecomctl.config import APIS, Settings
 from wecomctl.errors import WecomctlError
 from wecomctl.pipeline.handlers import Context, FatalStop, process
+from wecomctl.pipeline.patience import Patient
 from wecomctl.pipeline.retry import Backoff
 from wecomctl.pipeline.writeback import WritebackClient
 from wecomctl.ratelimit import is_redis_url, make_backend
@@ -59,7 +60,7 @@ def _shared_redis(settings: Settings) -> str | None:
     return _namespace(settings.run.store)[0]
 
 
-def make_limiter(settings: Settings, clock=time.time) -> RateLimiter:
+def make_limiter(settings: Settings, clock=time.time, stop: threading.Event | None = None) -> RateLimiter:
     """The machine-wide limiter for this config's corp and gateway."""
     shared = Path(settings.run.shared_path())
     wecom_scope = _scope(settings.wecom.base_url, settings.wecom.corp_id)
@@ -67,13 +68,15 @@ def make_limiter(settings: Settings, clock=time.time) -> RateLimiter:
     scopes = {api: gateway_scope if api in GATEWAY_APIS else wecom_scope for api in APIS}
     scopes["writeback"] = _scope(settings.writeback.url or "writeback")
     backend = make_backend(_shared_redis(settings), str(shared))
+    if _shared_redis(settings):
+        backend = Patient(backend, stop, "the shared rate limit (Redis)")
     return RateLimiter(backend, settings.limits, clock=clock, scopes=scopes)
 
 
 def build_context(settings: Settings, store, stop: threading.Event, clock=time.time) -> Context:
     shared = Path(settings.run.shared_path())
     wecom_scope = _scope(settings.wecom.base_url, settings.wecom.corp_id)
-    limiter = make_limiter(settings, clock)
+    limiter = make_limiter(settings, clock, stop)
     timeout = max(settings.wecom.timeout_s, settings.gateway.timeout_s)
     pool = settings.run.concurrency + 2
     http = httpx.Client(timeout=timeout, limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool))
@@ -84,8 +87,9 @@ def build_context(settings: Settings, store, stop: threading.Event, clock=time.t
     if providers & {"msg_template", "welcome_code"}:
         client = WecomClient(
             settings.wecom.base_url, settings.wecom.corp_id, settings.corp_secret(), api,
-            lambda fetch: make_token_cache(_shared_redis(settings), str(shared), settings.wecom.corp_id, wecom_scope,
-                                           settings.wecom.token_refresh_margin_s, fetch, clock=clock),
+            lambda fetch: Patient(make_token_cache(_shared_redis(settings), str(shared), settings.wecom.corp_id,
+                                                   wecom_scope, settings.wecom.token_refresh_margin_s, fetch, clock=clock),
+                                  stop, "the shared access token (Redis)"),
         )
         welcome["msg_template"] = MsgTemplateWelcome(client)
         welcome["welcome_code"] = WelcomeCodeWelcome(client)
@@ -237,7 +241,7 @@ def worker_main(settings: Settings, until_empty: bool, log_spec: dict | None = N
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     random.seed()
     try:
-        store = open_store(settings)
+        store = Patient(open_store(settings), stop, "the store")
         ctx = build_context(settings, store, stop)
     except WecomctlError as exc:
         log.error("%s", exc)

@@ -42,7 +42,7 @@ import uuid
 from contextlib import contextmanager
 from urllib.parse import urlsplit, urlunsplit
 
-from wecomctl.errors import SharedStateError
+from wecomctl.errors import SharedStateError, SharedStateUnavailable
 
 SLOT_TTL_S = 60.0
 # State keys outlive their last use by this long (then they read as "never used").
@@ -193,7 +193,8 @@ def translate_errors(where: str, secret: str | None = None, doing: str = "use"):
         if isinstance(exc, redis.exceptions.AuthenticationError):
             hint = "check the user name and password in the Redis URL"
         elif isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
-            hint = "is Redis running and reachable from this machine? check the Redis URL"
+            raise SharedStateUnavailable(f"cannot {doing} the shared Redis at {where}: {detail} "
+                                         "(is Redis running and reachable from this machine? check the Redis URL)") from None
         elif isinstance(exc, redis.exceptions.ResponseError) and "NOSCRIPT" not in detail:
             hint = "the server refused a command; wecomctl needs Redis 7 with Lua scripting enabled"
         else:
