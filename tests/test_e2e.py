@@ -94,6 +94,7 @@ def test_campaign_end_to_end(tmp_path, sim):
     assert proc.returncode == 1, proc.stderr  # the unknown numbers are dead
     assert "\x1b" not in out and "\r" not in out  # no terminal control codes in a file
     assert re.search(r"progress \d+s add: \d+/480", out)
+    assert re.search(r"add: .* rate=[\d.]+/s \(limit 40/s\) eta=", out)  # against the limit, with time left
 
     st = json.loads(cli("status", "--json", "--config", str(conf), "--data-dir", data).stdout)
     add, welcome = st["stages"]["add"], st["stages"]["welcome"]

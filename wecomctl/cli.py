@@ -209,7 +209,7 @@ def run(
         n = workers or s.run.workers or os.cpu_count() or 1
         interval = progress_interval if progress_interval is not None else s.run.progress_interval_s
         # With --json, stdout carries only the JSON; progress goes to stderr.
-        prog = make_progress(err if as_json else out, interval)
+        prog = make_progress(err if as_json else out, interval, s)
         with prog:
             result = pool.run(s, n, until_empty, on_tick=prog.tick, log_spec=log_spec)
             prog.tick(result.counts, result.elapsed, final=True)

@@ -49,7 +49,7 @@ def run_demo(out: Console, err: Console, data_dir: str | None, workers: int, as_
         store.close()
         log.print(f"imported {report.accepted} leads from {len(files)} files "
                   f"({report.rejected} rejected, {report.skipped} duplicates); rejects: {report.rejects_file}", highlight=False)
-        prog = make_progress(log, settings.run.progress_interval_s)
+        prog = make_progress(log, settings.run.progress_interval_s, settings)
         with prog:
             result = pool.run(settings, workers, True, on_tick=prog.tick)
             prog.tick(result.counts, result.elapsed, final=True)

@@ -46,14 +46,73 @@ class RateMeter:
         return (n - n0) / (t - t0) if t > t0 else 0.0
 
 
-def line(stage: str, row: dict[str, int], rate: float) -> str:
+WELCOME_APIS = {"msg_template": "add_msg_template", "gateway": "send_text", "welcome_code": "send_welcome_msg"}
+
+
+def stage_limits(settings) -> dict[str, float]:
+    """Calls/s each stage may make under the configured limits (its tightest window)."""
+    if settings is None:
+        return {}
+
+    def per_second(api: str) -> float:
+        limit = settings.limits.get(api)
+        windows = limit.windows() if limit else []
+        return min((count / seconds for count, seconds in windows), default=0.0)
+
+    return {"add": per_second("add_by_phone"),
+            "welcome": per_second(WELCOME_APIS.get(settings.welcome.provider, "add_msg_template")),
+            "writeback": per_second("writeback")}
+
+
+class Outlook:
+    """What the parent adds to the counters: the rate limit of each stage, fleet pauses
+    (read from the shared limiter at most once a second) and the time left."""
+
+    def __init__(self, settings=None):
+        self.settings = settings
+        self.limits = stage_limits(settings)
+        self._pauses: dict[str, float] = {}
+        self._read_at = 0.0
+
+    def pauses(self) -> dict[str, float]:
+        if self.settings is None:
+            return {}
+        now = time.time()
+        if now - self._read_at >= 1.0:
+            self._read_at = now
+            try:
+                from wecomctl.report.health import throttles
+
+                self._pauses = throttles(self.settings, now)[0]
+            except Exception:  # noqa: BLE001 - a progress line must never stop a run
+                self._pauses = {}
+        return self._pauses
+
+    @staticmethod
+    def eta(row: dict[str, int], rate: float) -> str:
+        left = row["ready"] + row["delayed"] + row["leased"]
+        if not left:
+            return "-"
+        if rate <= 0:
+            return "?"
+        s = int(left / rate)
+        return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def line(stage: str, row: dict[str, int], rate: float, limit: float = 0.0, eta: str = "") -> str:
+    of = f" (limit {limit:g}/s)" if limit else ""
     return (f"{stage}: {finished(row)}/{row['entered']} done={row['done']} dead={row['dead']} "
             f"skipped={row['skipped']} retrying={row['delayed']} in_flight={row['leased']} "
-            f"queued={row['ready']} rate={rate:.1f}/s")
+            f"queued={row['ready']} rate={rate:.1f}/s{of}{f' eta={eta}' if eta else ''}")
+
+
+def shown(stages, rows) -> list[str]:
+    return [s for s in stages if s != "writeback" or rows[s]["entered"]]
 
 
 class PlainProgress:
-    def __init__(self, out: TextIO = sys.stdout, interval: float = 10.0):
+    def __init__(self, out: TextIO = sys.stdout, interval: float = 10.0, settings=None):
+        self.outlook = Outlook(settings)
         self.out = out
         self.interval = interval
         self.last = 0.0
@@ -72,12 +131,16 @@ class PlainProgress:
             return
         self.last = elapsed
         stamp = time.strftime("%H:%M:%S")
-        parts = " | ".join(line(s, rows[s], rates[s]) for s in STAGES if s != "writeback" or rows[s]["entered"])
-        print(f"[{stamp}] progress {elapsed:.0f}s {parts}", file=self.out, flush=True)
+        o = self.outlook
+        parts = " | ".join(line(s, rows[s], rates[s], o.limits.get(s, 0.0), o.eta(rows[s], rates[s]))
+                           for s in shown(STAGES, rows))
+        paused = "".join(f" | PAUSED {api} {left:.0f}s (45009)" for api, left in o.pauses().items())
+        print(f"[{stamp}] progress {elapsed:.0f}s {parts}{paused}", file=self.out, flush=True)
 
 
 class LiveProgress:
-    def __init__(self, console: Console):
+    def __init__(self, console: Console, settings=None):
+        self.outlook = Outlook(settings)
         self.console = console
         self.progress = Progress(
             TextColumn("[bold]{task.fields[stage]:<8}"), BarColumn(), MofNCompleteColumn(),
@@ -90,7 +153,8 @@ class LiveProgress:
     def __enter__(self):
         self.progress.__enter__()
         for s in STAGES:
-            self.tasks[s] = self.progress.add_task(s, total=None, stage=s, detail="")
+            self.tasks[s] = self.progress.add_task(s, total=None, stage=s, detail="", visible=s != "writeback")
+        self.pause_task = self.progress.add_task("", total=None, stage="", detail="", visible=False)
         return self
 
     def __exit__(self, *exc):
@@ -98,15 +162,23 @@ class LiveProgress:
 
     def tick(self, counts: dict, elapsed: float, final: bool = False) -> None:
         rows = totals(counts)
+        o = self.outlook
         for s in STAGES:
             row = rows[s]
             rate = self.meters[s].add(elapsed, finished(row))
+            limit = o.limits.get(s, 0.0)
             detail = (f"[green]done {row['done']}[/] [red]dead {row['dead']}[/] skipped {row['skipped']} "
-                      f"[yellow]retrying {row['delayed']}[/] in flight {row['leased']}  {rate:.1f}/s")
-            self.progress.update(self.tasks[s], total=max(row["entered"], 1), completed=finished(row), detail=detail)
+                      f"[yellow]retrying {row['delayed']}[/] in flight {row['leased']}  "
+                      f"{rate:.1f}/s{f' of {limit:g}/s' if limit else ''}  ETA {o.eta(row, rate)}")
+            self.progress.update(self.tasks[s], total=max(row["entered"], 1), completed=finished(row), detail=detail,
+                                 visible=s != "writeback" or row["entered"] > 0)
+        pauses = o.pauses()
+        text = "  ".join(f"[bold red]PAUSED[/] {api} {left:.0f}s more (WeCom 45009; every worker waits)"
+                         for api, left in pauses.items())
+        self.progress.update(self.pause_task, detail=text, visible=bool(pauses))
 
 
-def make_progress(console: Console, interval: float):
+def make_progress(console: Console, interval: float, settings=None):
     if console.is_terminal:
-        return LiveProgress(console)
-    return PlainProgress(console.file, interval)
+        return LiveProgress(console, settings)
+    return PlainProgress(console.file, interval, settings)
