@@ -442,3 +442,170 @@ def test_recent_outcomes_dlq_codes_and_oldest_ready(store, clock):
     assert store.requeue_dead("add", "c", clock(), errcode=60111) == 1
     assert store.dead_by_code() == {"c": {"add": {"invalid": 1}}}
     assert store.check() == []
+
+
+# -- both backends: the write-back stage, DLQ counters, the store id -------------------------
+def reopen(store, **kw):
+    """Another open of the same store (another process would do this), with `kw` set."""
+    kw = {"max_attempts": 3, "max_deliveries": 3, **kw}
+    if isinstance(store, DiskStore):
+        from pathlib import Path
+
+        return DiskStore(str(Path(store.path).parent), **kw)
+    from conftest import REDIS_URL
+    from wecomctl.store.redis import RedisStore
+
+    return RedisStore(REDIS_URL, namespace=store.namespace, **kw)
+
+
+def _finish_add(store, clock, euid):
+    item = store.lease("add", 10, clock())
+    store.complete(item, clock(), updates={"external_userid": euid}, enqueue_next=True)
+    return item
+
+
+def test_writeback_is_queued_once_per_final_outcome_with_a_new_version(store, clock):
+    wb = reopen(store, writeback=True)
+    wb.put_leads("c", [lead(), lead(phone="+8613900139000"), lead(phone="+8613700137000")], clock())
+    a = _finish_add(wb, clock, "wmA")  # add done is not final: nothing to write back yet
+    assert wb.counts()["c"]["stages"]["writeback"]["entered"] == 0
+    assert wb.lease("writeback", 10, clock()) is None
+    b = wb.lease("add", 10, clock())
+    assert wb.retry(b, clock() + 5, Failure(-1, "busy", "retry"), clock()) == "delayed"  # not final either
+    assert wb.counts()["c"]["stages"]["writeback"]["entered"] == 0
+    clock.sleep(5)
+    wb.maintain(clock())
+    b = wb.lease("add", 10, clock())
+    wb.bury(b, Failure(60111, "userid not found", "dead"), clock())  # add dead: final
+    wb.bury(b, Failure(60111, "late duplicate", "dead"), clock())  # a late outcome again: no second write-back
+    w = wb.lease("welcome", 10, clock())
+    assert w.id == a.id
+    wb.complete(w, clock())  # welcome done: final
+    c = _finish_add(wb, clock, "wmC")
+    wc = wb.lease("welcome", 10, clock())
+    wb.complete(wc, clock(), updates={"welcome_status": "already_sent"}, state="skipped", called=False)
+    rows = invariant(wb)["stages"]["writeback"]
+    assert rows["entered"] == 3 and rows["ready"] == 3
+    got = {}
+    while (item := wb.lease("writeback", 10, clock())) is not None:
+        got[item.id] = item
+        assert item.lead["writeback"]["version"] == 1 and item.attempts == 0 and item.deliveries == 1
+    assert sorted(got) == sorted([a.id, b.id, c.id])
+    for item in got.values():
+        wb.complete(item, clock())
+    assert invariant(wb)["stages"]["writeback"]["done"] == 3
+    # a replay of the dead add that ends dead again is a new final outcome: version 2
+    assert wb.requeue_dead("add", "c", clock()) == 1
+    assert wb.counts()["c"]["stages"]["writeback"]["ready"] == 0  # ready again is not final
+    again = wb.lease("add", 10, clock())
+    assert again.id == b.id
+    wb.bury(again, Failure(60111, "userid not found", "dead"), clock())
+    item = wb.lease("writeback", 10, clock())
+    assert item.id == b.id and item.lead["writeback"]["version"] == 2 and item.attempts == 0
+    wb.complete(item, clock())
+    rows = invariant(wb)["stages"]["writeback"]
+    assert (rows["entered"], rows["done"]) == (3, 3)
+    assert wb.lead(b.id)["writeback"]["version"] == 2
+    assert wb.recent(clock())["c"]["writeback"] == {"done": 4, "dead": 0, "failed": 0}
+    assert wb.check() == []
+    wb.close()
+
+
+def test_writeback_complete_of_an_older_version_leaves_the_newer_one_queued(store, clock):
+    wb = reopen(store, writeback=True)
+    wb.put_leads("c", [lead()], clock())
+    _finish_add(wb, clock, "wm1")
+    w = wb.lease("welcome", 10, clock())
+    wb.bury(w, Failure(41001, "welcome code expired", "dead"), clock())
+    old = wb.lease("writeback", 10, clock())  # version 1 is being written back...
+    assert old.lead["writeback"]["version"] == 1
+    assert wb.requeue_dead("welcome", "c", clock()) == 1  # ...while an operator replays the lead
+    w = wb.lease("welcome", 10, clock())
+    wb.complete(w, clock())  # a new final outcome: version 2 queued, the v1 lease dropped
+    assert wb.lead(old.id)["writeback"]["state"] == "ready"
+    wb.complete(old, clock())  # the v1 call ends: it must not settle version 2
+    rec = wb.lead(old.id)["writeback"]
+    assert rec["state"] == "ready" and rec["version"] == 2
+    assert wb.check() == []
+    new = wb.lease("writeback", 10, clock())
+    assert new.id == old.id and new.lead["writeback"]["version"] == 2
+    wb.complete(new, clock())
+    assert wb.lead(old.id)["writeback"]["state"] == "done"
+    assert invariant(wb)["stages"]["writeback"]["done"] == 1
+    assert wb.check() == []
+    wb.close()
+
+
+def test_writeback_off_never_enters_the_writeback_stage(store, clock):
+    assert not store.writeback
+    store.put_leads("c", [lead(), lead(phone="+8613900139000")], clock())
+    a = _finish_add(store, clock, "wm1")
+    store.complete(store.lease("welcome", 10, clock()), clock())
+    b = store.lease("add", 10, clock())
+    store.bury(b, Failure(60111, "userid not found", "dead"), clock())
+    assert "writeback" not in store.lead(a.id) and "writeback" not in store.lead(b.id)
+    assert invariant(store)["stages"]["writeback"]["entered"] == 0
+    assert store.lease("writeback", 10, clock()) is None
+    assert store.check() == []
+
+
+def test_poison_ticks_dead_counts_under_its_kind_and_is_written_back(store, clock):
+    wb = reopen(store, writeback=True)
+    wb.put_leads("c", [lead()], clock())
+    for _ in range(3):  # max_deliveries=3
+        wb.lease("add", 10, clock())
+        clock.sleep(11)
+        wb.maintain(clock())
+    assert wb.lease("add", 10, clock()) is None  # died as poison inside lease
+    assert wb.dead_by_code() == {"c": {"add": {"poison": 1}}}
+    assert wb.recent(clock())["c"]["add"] == {"done": 0, "dead": 1, "failed": 0}
+    item = wb.lease("writeback", 10, clock())
+    assert item.lead["writeback"]["version"] == 1
+    wb.bury(item, Failure(None, "receiver said 400", "dead"), clock())  # a write-back can die too
+    assert wb.dead_by_code() == {"c": {"add": {"poison": 1}, "writeback": {"dead": 1}}}
+    assert wb.check() == []
+    assert wb.requeue_dead("writeback", None, clock()) == 1
+    assert wb.dead_by_code() == {"c": {"add": {"poison": 1}}}
+    assert wb.check() == []
+    wb.close()
+
+
+def test_check_finds_a_dlq_counter_out_of_step(store, clock):
+    store.put_leads("c", [lead()], clock())
+    store.bury(store.lease("add", 10, clock()), Failure(60111, "userid not found", "dead"), clock())
+    assert store.check() == []
+    if isinstance(store, DiskStore):
+        store.cache.incr("dlq:c:add:60111", 1)
+        store.cache.incr("dlq:c:welcome:41001", 1)
+    else:
+        store.r.hincrby(f"{store.namespace}:dlq:c", "add:60111", 1)
+        store.r.hincrby(f"{store.namespace}:dlq:c", "welcome:41001", 1)
+    problems = store.check()
+    assert "DLQ counter dlq:c:add:60111=2 but 1 dead letters have that code" in problems
+    assert "DLQ counter dlq:c:welcome:41001=1 but 0 dead letters have that code" in problems
+
+
+def test_store_id_is_given_once_and_stable_across_opens(store, tmp_path):
+    import re
+
+    first = store.store_id()
+    assert re.fullmatch(r"[0-9a-f]{12}", first)
+    assert store.store_id() == first
+    other = reopen(store)
+    assert other.store_id() == first
+    other.close()
+    if isinstance(store, DiskStore):
+        elsewhere = DiskStore(str(tmp_path / "elsewhere"))
+        assert elsewhere.store_id() != first
+        elsewhere.close()
+    else:
+        from conftest import REDIS_URL, drop_namespace
+        from wecomctl.store.redis import RedisStore
+
+        ns = store.namespace + "-other"
+        try:
+            elsewhere = RedisStore(REDIS_URL, namespace=ns)
+            assert elsewhere.store_id() != first
+            elsewhere.close()
+        finally:
+            drop_namespace(ns)

@@ -4,21 +4,36 @@ Same semantics as `DiskStore`: every state change is one Lua script (EVALSHA), s
 runs it whole or not at all and no other client sees half of it; the counters, queue
 entries and the welcome ledger change in the same script as the lead's state.
 
+Stages are `STAGES` (add, welcome, writeback): with `writeback=True`, each final outcome
+(add dead, or welcome done / skipped / dead) moves the lead's writeback stage to ready in
+the same script, with a new version.
+
 Key layout (every key starts with "{namespace}:"; the scripts build keys from that prefix,
 so the store needs a standalone Redis, not a cluster):
 
   meta.format                    layout version (checked on open)
+  meta.id                        random 12-hex id given at creation (names the store in
+                                 write-back idempotency keys; lead ids repeat across stores)
   seq                            last lead id given (INCR; ids are 1, 2, 3, ... with no gap)
   campaigns                      LIST of campaign names, in order of first import
   lead:{id}                      HASH, one field per lead key (campaign, phone, name, owner,
                                  fields, source, row, imported_at, external_userid, and what
                                  `complete(updates=...)` adds) and one per stage record key
                                  ("add.state", "add.qkey", "add.attempts", "welcome.intent",
-                                 ...); every value is JSON written by Python, and the scripts
+                                 ...; the writeback stage also has "writeback.version", the
+                                 final outcome it writes back: 1, 2, ... per final outcome);
+                                 every value is JSON written by Python, and the scripts
                                  store the numbers they are given as text, so a timestamp
                                  round-trips exactly (Lua's cjson would keep 14 digits)
   phones:{campaign}              HASH phone -> lead id (the dedupe)
   n:{campaign}                   HASH counters "{stage}:{state}", "imported", "dupes"
+  dlq:{campaign}                 HASH "{stage}:{code}" -> dead letters now in the DLQ with
+                                 that code (the errcode, else the kind: "poison", ...);
+                                 a field is deleted when it reaches 0
+  m:{campaign}:{minute}          HASH "{stage}:{what}" -> outcomes in that minute
+                                 (int(now // 60)), what = done / dead (a stage entered that
+                                 state) or failed (a call that failed, retried or not);
+                                 EXPIRE about two hours
   readyseq:{stage}               INCR numbering the ready entries
   ready:{stage}                  LIST of "{n}:{id}", RPUSH/LPOP (FIFO); the lead's qkey
                                  is "ready:{stage}:{n}"
@@ -42,6 +57,7 @@ import json
 import os
 import socket
 import threading
+import uuid
 from contextlib import contextmanager
 from typing import Any, Iterator
 from urllib.parse import unquote, urlsplit
@@ -89,8 +105,11 @@ def _decode(text: str | None) -> dict[str, Any] | None:
     return lead
 
 
-# Helpers every script starts with. ARGV[1] is the key prefix "{namespace}:".
+# Helpers every script starts with. ARGV[1] is the key prefix "{namespace}:"; the last
+# ARGV is the write-back switch ("1" or "0"), which `_run` appends to every call and the
+# prelude takes off, so each script sees only its own arguments.
 _PRELUDE = r"""
+local WB = table.remove(ARGV) == '1'
 local P = ARGV[1]
 local NULL = cjson.null
 local function dec(v)
@@ -135,18 +154,54 @@ local function fresh(stage, now)
           f .. 'calls', '0', f .. 'errcode', 'null', f .. 'error', 'null', f .. 'kind', 'null',
           f .. 'at', now, f .. 'intent', 'null', f .. 'lease', 'null'}
 end
--- Change a lead's state in one stage, keeping queue entries and counters in step.
+-- Per-minute outcome counters (DiskStore's _tick): HASH m:{campaign}:{minute}, field
+-- "{stage}:{what}", what = done / dead / failed; each minute's hash expires after two hours.
+local KEEP_S = 7260
+local function tick(camp, stage, what, now)
+  local k = P .. 'm:' .. camp .. ':' .. int(math.floor(tonumber(now) / 60))
+  redis.call('HINCRBY', k, stage .. ':' .. what, 1)
+  redis.call('EXPIRE', k, KEEP_S)
+end
+-- What a dead letter is counted under (DiskStore's _dlq_code): its errcode, else its kind.
+-- errcode and kind are the JSON texts of the stage record; an integer errcode's JSON text
+-- is Python's str() of it.
+local function dlq_code(errcode, kind)
+  local e = dec(errcode)
+  if e ~= nil then
+    if type(e) == 'string' then return e end
+    return errcode
+  end
+  local k = dec(kind)
+  if k == nil or k == '' then return 'dead' end
+  return tostring(k)
+end
+local function dlq(camp, stage, code, delta)
+  local k = P .. 'dlq:' .. camp
+  if redis.call('HINCRBY', k, stage .. ':' .. code, delta) == 0 then
+    redis.call('HDEL', k, stage .. ':' .. code)
+  end
+end
+-- Is this the lead's last outcome (nothing more will happen to it)?
+local function final(stage, state)
+  return (stage == 'add' and state == 'dead') or
+         (stage == 'welcome' and (state == 'done' or state == 'skipped' or state == 'dead'))
+end
+-- Change a lead's state in one stage, keeping queue entries, counters (states, per-minute
+-- outcomes, DLQ codes) and the write-back stage in step.
 -- extra: stage record field -> JSON text, applied last (it may keep the intent).
 local function move(lid, stage, state, now, qkey, extra)
   local k = lkey(lid)
   local f = stage .. '.'
-  local h = redis.call('HMGET', k, f .. 'state', f .. 'qkey', 'campaign')
+  local h = redis.call('HMGET', k, f .. 'state', f .. 'qkey', 'campaign', f .. 'errcode', f .. 'kind')
   if not h[1] then
     redis.call('HSET', k, unpack(fresh(stage, now)))
   end
   local old, oldkey, camp = dec(h[1]), dec(h[2]), dec(h[3])
   if oldkey and oldkey ~= qkey and (old == 'delayed' or old == 'leased') then
     unqueue(oldkey)
+  end
+  if old == 'dead' and state ~= 'dead' then
+    dlq(camp, stage, dlq_code(h[4] or 'null', h[5] or 'null'), -1)
   end
   if old ~= state then
     if old then count(camp, stage, old, -1) end
@@ -168,6 +223,16 @@ local function move(lid, stage, state, now, qkey, extra)
     args[#args + 1] = v
   end
   redis.call('HSET', k, unpack(args))
+  if state ~= old and (state == 'done' or state == 'dead') then tick(camp, stage, state, now) end
+  if state == 'dead' and old ~= 'dead' then
+    dlq(camp, stage, dlq_code(set.errcode or h[4] or 'null', set.kind or h[5] or 'null'), 1)
+  end
+  if WB and state ~= old and final(stage, state) then
+    -- Each final outcome is written back once; the version tells a replay's new outcome
+    -- from a retry of the old one (it is part of the idempotency key).
+    local version = tonumber(dec(redis.call('HGET', k, 'writeback.version')) or 0)
+    move(lid, 'writeback', 'ready', now, nil, {attempts = '0', deliveries = '0', version = int(version + 1)})
+  end
 end
 -- Does this lease token still hold the lead? (The token survives renewals.)
 local function holds(lid, stage, token)
@@ -323,14 +388,17 @@ _RECLAIM = r"""
 return back_to_ready(ARGV[2], 'lease', ARGV[3], ARGV[4])
 """
 
-# ARGV: P, id, stage, now, state, called (0/1), enqueue_next (0/1), then update pairs
-# (field, JSON). Returns 1 if recorded.
+# ARGV: P, id, stage, now, state, called (0/1), enqueue_next (0/1), the leased writeback
+# version (JSON), then update pairs (field, JSON). Returns 1 if recorded.
 _COMPLETE = r"""
 local lid, stage, now, state = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local called, enqueue = tonumber(ARGV[6]), ARGV[7] == '1'
 if not current(lid, stage) then return 0 end
 local k = lkey(lid)
-if #ARGV > 7 then redis.call('HSET', k, unpack(ARGV, 8)) end
+if stage == 'writeback' and dec(redis.call('HGET', k, 'writeback.version')) ~= dec(ARGV[8]) then
+  return 0  -- a newer outcome arrived meanwhile and is queued: it must still go out
+end
+if #ARGV > 8 then redis.call('HSET', k, unpack(ARGV, 9)) end
 local calls = tonumber(redis.call('HGET', k, stage .. '.calls') or '0') + called
 move(lid, stage, state, now, nil, {errcode = 'null', error = 'null', kind = 'null', calls = int(calls)})
 if stage == 'welcome' and state == 'done' then
@@ -357,6 +425,7 @@ local h = redis.call('HMGET', lkey(lid), f .. 'attempts', f .. 'deliveries', f .
 local attempts = tonumber(h[1]) + counted
 local info = {errcode = errcode, error = err, kind = kind, attempts = int(attempts),
               calls = int(tonumber(h[3] or '0') + called)}
+if called == 1 then tick(dec(redis.call('HGET', lkey(lid), 'campaign')), stage, 'failed', now) end
 if counted == 1 and attempts >= maxa then
   info.error = enc(tostring(dec(err) or 'None') .. ' (gave up after ' .. int(attempts) .. ' attempts)')
   move(lid, stage, 'dead', now, nil, info)
@@ -376,7 +445,8 @@ local lid, stage, now = ARGV[2], ARGV[3], ARGV[4]
 local called = tonumber(ARGV[8])
 if not current(lid, stage) then return 0 end
 local f = stage .. '.'
-local h = redis.call('HMGET', lkey(lid), f .. 'attempts', f .. 'calls')
+local h = redis.call('HMGET', lkey(lid), f .. 'attempts', f .. 'calls', 'campaign')
+if called == 1 then tick(dec(h[3]), stage, 'failed', now) end
 move(lid, stage, 'dead', now, nil, {errcode = ARGV[5], error = ARGV[6], kind = ARGV[7],
      attempts = int(tonumber(h[1]) + called), calls = int(tonumber(h[2] or '0') + called)})
 return 1
@@ -414,7 +484,7 @@ return 1
 
 # ARGV: P. Returns the list of problems (DiskStore.check's messages).
 _CHECK = r"""
-local STAGES = {'add', 'welcome'}
+local STAGES = {'add', 'welcome', 'writeback'}
 local STATES = {'ready', 'delayed', 'leased', 'done', 'dead', 'skipped'}
 local problems = {}
 local function problem(s) problems[#problems + 1] = s end
@@ -448,14 +518,18 @@ for _, st in ipairs(STAGES) do
   end
 end
 local referenced = {}
+local dead_codes = {}  -- campaign -> "{stage}:{code}" -> dead letters with that code
+local FIELDS = {'campaign', 'phone', 'external_userid'}
+for _, st in ipairs(STAGES) do
+  for _, x in ipairs({'state', 'qkey', 'errcode', 'kind'}) do FIELDS[#FIELDS + 1] = st .. '.' .. x end
+end
 local seq = tonumber(redis.call('GET', P .. 'seq') or '0')
 local expected = 1
 for lid = 1, seq do
-  local v = redis.call('HMGET', lkey(lid), 'campaign', 'phone', 'external_userid',
-                      'add.state', 'add.qkey', 'welcome.state', 'welcome.qkey')
+  local v = redis.call('HMGET', lkey(lid), unpack(FIELDS))
   if v[1] then
-    local h = {['campaign'] = v[1], ['phone'] = v[2], ['external_userid'] = v[3], ['add.state'] = v[4],
-               ['add.qkey'] = v[5], ['welcome.state'] = v[6], ['welcome.qkey'] = v[7]}
+    local h = {}
+    for i, field in ipairs(FIELDS) do h[field] = v[i] end
     local id = tostring(lid)
     if lid ~= expected then
       problem('leads ' .. int(expected) .. ' to ' .. int(lid - 1) .. ' are missing (ids are given in sequence)')
@@ -470,6 +544,12 @@ for lid = 1, seq do
       local state = dec(h[stage .. '.state'])
       if state then
         c[stage][state] = c[stage][state] + 1
+        if state == 'dead' then
+          local codes = dead_codes[camp] or {}
+          dead_codes[camp] = codes
+          local key = stage .. ':' .. dlq_code(h[stage .. '.errcode'] or 'null', h[stage .. '.kind'] or 'null')
+          codes[key] = (codes[key] or 0) + 1
+        end
         local q = dec(h[stage .. '.qkey'])
         if state == 'ready' or state == 'delayed' or state == 'leased' then
           local found = nil
@@ -503,8 +583,22 @@ for _, q in ipairs(entry_order) do
   if not referenced[q] then problem('orphan queue entry ' .. q .. ' (no lead points at it)') end
 end
 for _, camp in ipairs(camps) do
+  local codes, stored_codes, seen = dead_codes[camp] or {}, {}, {}
+  local flat = redis.call('HGETALL', P .. 'dlq:' .. camp)
+  for i = 1, #flat, 2 do stored_codes[flat[i]] = tonumber(flat[i + 1]) end
+  local keys = {}
+  for key in pairs(stored_codes) do keys[#keys + 1] = key seen[key] = true end
+  for key in pairs(codes) do if not seen[key] then keys[#keys + 1] = key end end
+  table.sort(keys)
+  for _, key in ipairs(keys) do
+    local s, n = stored_codes[key] or 0, codes[key] or 0
+    if s ~= n then
+      problem('DLQ counter dlq:' .. camp .. ':' .. key .. '=' .. int(s) .. ' but ' .. int(n) ..
+              ' dead letters have that code')
+    end
+  end
   local stored = {}
-  local flat = redis.call('HGETALL', P .. 'n:' .. camp)
+  flat = redis.call('HGETALL', P .. 'n:' .. camp)
   for i = 1, #flat, 2 do stored[flat[i]] = tonumber(flat[i + 1]) end
   local stages = counted[camp]
   local entered = {}
@@ -530,6 +624,26 @@ end
 return problems
 """
 
+# ARGV: P. Returns {campaign, stage, at JSON, ...}: per stage, for the first 200 entries of
+# its ready list that their lead still points at, the lead's campaign and when it became ready.
+_OLDEST = r"""
+local out = {}
+for _, stage in ipairs({'add', 'welcome', 'writeback'}) do
+  local seen = {}
+  for _, e in ipairs(redis.call('LRANGE', P .. 'ready:' .. stage, 0, 199)) do
+    local n, lid = string.match(e, '^(%d+):(%d+)$')
+    local h = redis.call('HMGET', lkey(lid), 'campaign', stage .. '.qkey', stage .. '.at')
+    if h[1] and dec(h[2]) == 'ready:' .. stage .. ':' .. n and not seen[h[1]] then
+      seen[h[1]] = true  -- the front of the list: that campaign's oldest in this stage
+      out[#out + 1] = dec(h[1])
+      out[#out + 1] = stage
+      out[#out + 1] = h[3]
+    end
+  end
+end
+return out
+"""
+
 # ARGV: P, then lead ids. Returns each lead as JSON text (false where there is none).
 _READ = r"""
 local out = {}
@@ -540,15 +654,16 @@ return out
 _SCRIPTS = {
     "put": _PUT, "lease": _LEASE, "renew": _RENEW, "intent": _INTENT, "reclaim": _RECLAIM,
     "complete": _COMPLETE, "retry": _RETRY, "bury": _BURY, "release": _RELEASE,
-    "maintain": _MAINTAIN, "requeue": _REQUEUE, "check": _CHECK, "read": _READ,
+    "maintain": _MAINTAIN, "requeue": _REQUEUE, "check": _CHECK, "read": _READ, "oldest": _OLDEST,
 }
 
 
 class RedisStore:
     def __init__(self, url: str, namespace: str = "wecomctl", max_attempts: int = 6, max_deliveries: int = 5,
-                 create: bool = True):
+                 create: bool = True, writeback: bool = False):
         self.path = redact_url(url)
         self.namespace = namespace
+        self.writeback = writeback  # queue each final outcome for the write-back stage
         self.max_attempts = max_attempts
         self.max_deliveries = max_deliveries
         self._p = f"{namespace}:"
@@ -617,7 +732,8 @@ class RedisStore:
             raise StoreError(f"store {store}: {type(exc).__name__}: {self._scrub(exc)}") from None
 
     def _run(self, name: str, *args, client=None):
-        return self._scripts[name](keys=[], args=[self._p, *args], client=client)
+        # The last argument is the write-back switch: the prelude takes it off (see _PRELUDE).
+        return self._scripts[name](keys=[], args=[self._p, *args, int(self.writeback)], client=client)
 
     def _check_format(self, create: bool) -> None:
         key = self._p + "meta.format"
@@ -628,6 +744,8 @@ class RedisStore:
                     raise StoreError(f"no wecomctl data in {self.path} under namespace {self.namespace} "
                                      "(run `wecomctl import` first, or check the store URL and namespace)")
                 self.r.set(key, REDIS_FORMAT, nx=True)
+                # Names this store in write-back idempotency keys (lead ids repeat across stores).
+                self.r.set(self._p + "meta.id", uuid.uuid4().hex[:12], nx=True)
                 found = self.r.get(key)
         if str(found) != str(REDIS_FORMAT):
             raise StoreError(
@@ -728,7 +846,8 @@ class RedisStore:
                 raise ValueError(f"complete(updates=...) cannot set {key!r}")
             pairs += [key, _j(value)]
         with self._errors():
-            self._run("complete", item.id, item.stage, _j(now), state, int(called), int(enqueue_next), *pairs)
+            self._run("complete", item.id, item.stage, _j(now), state, int(called), int(enqueue_next),
+                      _j((item.lead.get("writeback") or {}).get("version")), *pairs)
 
     def retry(self, item: Leased, due: float, failure: Failure, now: float, count_attempt: bool = True,
               called: bool = True) -> str:
@@ -765,6 +884,57 @@ class RedisStore:
             fronts = pipe.execute()
         times = [front[0][1] for front in fronts if front]
         return min(times) if times else None
+
+    # -- recent outcomes (for status, error rate and alerts) ---------------------------
+    def recent(self, now: float, minutes: int = 5) -> dict[str, dict[str, dict[str, int]]]:
+        """{campaign: {stage: {done, dead, failed}}} over the last `minutes` whole minutes
+        and the current one."""
+        camps = self.campaigns()
+        last = int(now // 60)
+        span = range(last - minutes, last + 1)
+        with self._errors():
+            pipe = self.r.pipeline(transaction=False)
+            for camp in camps:
+                for m in span:
+                    pipe.hgetall(f"{self._p}m:{camp}:{m}")
+            rows = pipe.execute()
+        out: dict[str, dict[str, dict[str, int]]] = {}
+        for i, camp in enumerate(camps):
+            sums = {f"{stage}:{what}": 0 for stage in STAGES for what in ("done", "dead", "failed")}
+            for row in rows[i * len(span):(i + 1) * len(span)]:
+                for field, n in row.items():
+                    if field in sums:
+                        sums[field] += int(n)
+            out[camp] = {stage: {what: sums[f"{stage}:{what}"] for what in ("done", "dead", "failed")}
+                         for stage in STAGES}
+        return out
+
+    def dead_by_code(self) -> dict[str, dict[str, dict[str, int]]]:
+        """{campaign: {stage: {errcode or kind: n}}} of the dead letters now in the DLQ."""
+        camps = self.campaigns()
+        with self._errors():
+            pipe = self.r.pipeline(transaction=False)
+            for camp in camps:
+                pipe.hgetall(f"{self._p}dlq:{camp}")
+            rows = pipe.execute()
+        out: dict[str, dict[str, dict[str, int]]] = {}
+        for camp, row in zip(camps, rows):
+            for field, n in row.items():
+                stage, _, code = field.partition(":")
+                if int(n):
+                    out.setdefault(camp, {}).setdefault(stage, {})[code] = int(n)
+        return out
+
+    def oldest_ready(self, now: float) -> dict[str, dict[str, float]]:
+        """{campaign: {stage: seconds the oldest ready item has waited}}. Looks at the front
+        of each ready list (stale entries are skipped), so it costs the same at any depth."""
+        with self._errors():
+            flat = self._run("oldest")
+        out: dict[str, dict[str, float]] = {}
+        for i in range(0, len(flat), 3):
+            camp, stage, at = flat[i], flat[i + 1], json.loads(flat[i + 2])
+            out.setdefault(camp, {}).setdefault(stage, round(max(0.0, now - at), 1))
+        return out
 
     # -- reading ------------------------------------------------------------------
     def campaigns(self) -> list[str]:
@@ -845,6 +1015,17 @@ class RedisStore:
         Redis's busy-script limit (5 s) other clients get BUSY errors until it ends."""
         with self._errors():
             return list(self._run("check"))
+
+    def store_id(self) -> str:
+        """A random id given when the store was created (one made now for an older store),
+        the same for every process and every open afterwards."""
+        key = self._p + "meta.id"
+        with self._errors():
+            found = self.r.get(key)
+            if found is None:
+                self.r.set(key, uuid.uuid4().hex[:12], nx=True)
+                found = self.r.get(key)
+        return found
 
     def welcome_ledger(self, campaign: str, external_userid: str) -> dict[str, Any] | None:
         with self._errors():
