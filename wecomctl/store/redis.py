@@ -66,7 +66,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from wecomctl.errors import StoreError
+from wecomctl.errors import StoreError, Unavailable
 from wecomctl.store import redact_url
 from wecomctl.store.base import STAGES, STATES, Failure, Leased, NewLead, PutResult
 
@@ -711,8 +711,10 @@ class RedisStore:
             raise StoreError(f"Redis at {where} refused the credentials of the store URL {store}: "
                              f"{self._scrub(exc)} (check the user and password in the URL)") from None
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            raise StoreError(f"cannot reach the store at {store}: {self._scrub(exc)} "
-                             f"(is Redis running at {where}? check the store URL)") from None
+            # Unavailable: a run waits and tries again (see pipeline/patience.py); a command
+            # such as `status` says it and stops.
+            raise Unavailable(f"cannot reach the store at {store}: {self._scrub(exc)} "
+                              f"(is Redis running at {where}? check the store URL)") from None
         except redis.exceptions.ReadOnlyError as exc:
             raise StoreError(f"Redis at {where} is a read-only replica: {self._scrub(exc)} "
                              "(point the store URL at the primary)") from None
@@ -721,8 +723,8 @@ class RedisStore:
             if msg.startswith("OOM"):
                 raise StoreError(f"Redis at {where} is out of memory: {msg} (raise maxmemory or free memory, "
                                  "then run again; nothing was lost)") from None
-            if msg.startswith("BUSY"):
-                raise StoreError(f"Redis at {where} is busy running a long script (a `wecomctl check` of a "
+            if msg.startswith(("BUSY", "LOADING")):
+                raise Unavailable(f"Redis at {where} is busy running a long script (a `wecomctl check` of a "
                                  f"big store?): {msg} (wait for it to end, then run again)") from None
             if msg.startswith("NOAUTH") or msg.startswith("NOPERM"):
                 raise StoreError(f"Redis at {where} refused the store {store}: {msg} "
