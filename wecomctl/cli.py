@@ -27,6 +27,9 @@ app = typer.Typer(
 )
 dlq_app = typer.Typer(help="Inspect dead letters. Example: wecomctl dlq list --stage add", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
+store_app = typer.Typer(help="Move a campaign's data between stores. Example: wecomctl store copy --from .wecomctl --to redis://127.0.0.1:6379/0",
+                        no_args_is_help=True)
+app.add_typer(store_app, name="store")
 
 # soft_wrap: long paths and messages stay on one line in logs and pipes.
 out = Console(soft_wrap=True)
@@ -531,6 +534,60 @@ def dlq_export(
         _fail(exc)
     if output != "-":
         err.print(f"exported {n} dead letters to {output}")
+
+
+@store_app.command("copy")
+def store_copy(
+    source: str = typer.Option(..., "--from", help="A data dir, or a redis://host:port/db URL (?namespace=name)."),
+    target: str = typer.Option(..., "--to", help="A new data dir, or a Redis URL/namespace holding no leads."),
+    config: Optional[str] = ConfigOpt, as_json: bool = JsonOpt,
+):
+    """Copy every lead, its state, the welcome ledger and the counters from one store to
+    another, e.g. from the embedded store to Redis when a campaign outgrows one machine
+    (and back). Stop every run on the source first. Items that were waiting to retry or in
+    flight are ready in the copy; an interrupted call is settled before it is made again.
+
+    Example: wecomctl store copy --from .wecomctl --to redis://10.0.0.5:6379/0?namespace=spring
+    """
+    import time
+
+    from wecomctl.report.progress import totals
+    from wecomctl.store import open_store as open_location, redact_url
+
+    try:
+        s = _settings(config, None)
+        urls = "://" in source + target
+        if (source == target) if urls else os.path.abspath(source) == os.path.abspath(target):
+            raise WecomctlError("--from and --to are the same store")
+        kw = {"max_attempts": s.retry.max_attempts, "max_deliveries": s.run.max_deliveries,
+              "writeback": bool(s.writeback.url)}
+        src = open_location(source, create=False, **kw)
+        if src.has_leases():
+            raise WecomctlError(f"a run is working on {redact_url(source)} (items are leased); "
+                                "stop it (or wait for it to end), then copy")
+        dst = open_location(target, create=True, **kw)
+        start = time.time()
+        loaded = dst.restore(src.snapshot(), time.time())
+        problems = dst.check()
+        before, after = totals(src.counts()), totals(dst.counts())
+        src.close()
+        dst.close()
+    except WecomctlError as exc:
+        _fail(exc)
+    result = {"leads": loaded["leads"], "ledger": loaded["ledger"], "seconds": round(time.time() - start, 2),
+              "check_problems": problems, "from": redact_url(source), "to": redact_url(target),
+              "done": {st: after[st]["done"] for st in after}, "dead": {st: after[st]["dead"] for st in after}}
+    same = all(before[st][k] == after[st][k] for st in before for k in ("done", "dead", "skipped", "entered"))
+    if as_json:
+        print(json.dumps({**result, "ok": same and not problems}, ensure_ascii=False))
+    else:
+        out.print(f"copied {loaded['leads']} leads and {loaded['ledger']} welcome-ledger entries from "
+                  f"{result['from']} to {result['to']} in {result['seconds']}s; "
+                  f"{'check ok' if not problems else f'{len(problems)} problems: ' + '; '.join(problems[:3])}",
+                  highlight=False, markup=False)
+        out.print(f"next: wecomctl run --store {result['to']}" if "://" in target else f"next: wecomctl run -d {target}",
+                  highlight=False, markup=False)
+    raise typer.Exit(EXIT_OK if same and not problems else EXIT_DEAD)
 
 
 # --- simulate / demo ----------------------------------------------------------------------

@@ -676,6 +676,74 @@ class DiskStore:
                     problems.append(f"{camp}: {added} added but {welcome_entered} in the welcome stage")
         return problems
 
+    # -- copying between stores (wecomctl store copy) ---------------------------------
+    def snapshot(self) -> Iterator[tuple[str, Any]]:
+        """Everything a copy needs, as records: ("meta", {"id"}), ("campaigns", [...]),
+        ("counter", (campaign, "dupes", n)), ("lead", lead) in id order, ("ledger",
+        (campaign, external_userid, value)). Read while no run works on the store."""
+        yield "meta", {"id": self.store_id()}
+        camps = self.campaigns()
+        yield "campaigns", camps
+        for camp in camps:
+            yield "counter", (camp, "dupes", int(self.cache.get(f"n:{camp}:dupes", 0)))
+        for lead in self.leads():
+            yield "lead", lead
+        for key in self._keys("ledger:welcome:"):
+            _, _, rest = key.split(":", 2)
+            camp, euid = rest.rsplit(":", 1)
+            yield "ledger", (camp, euid, self.cache.get(key))
+
+    def has_leases(self) -> bool:
+        return any(self._keys(f"q.{stage}.lease-") for stage in STAGES)
+
+    def restore(self, records, now: float) -> dict[str, int]:
+        """Load a snapshot into this store, which must hold no lead. Queue entries and
+        counters are rebuilt from the leads' states; delayed and leased items become ready
+        (a leased item keeps its intent, so its next delivery settles it first)."""
+        loaded = {"leads": 0, "ledger": 0}
+        if self._db().execute("SELECT 1 FROM lead LIMIT 1").fetchone():
+            raise StoreError(f"the store {self.path} already holds leads; copy into a new data dir")
+        batch: list[dict] = []
+
+        def flush(c) -> None:
+            for lead in batch:
+                for stage in STAGES:
+                    st = lead.get(stage)
+                    if not st:
+                        continue
+                    if st["state"] in ("ready", "delayed", "leased"):
+                        st.update(state="ready", qkey=None, lease=None)
+                        st["qkey"] = self._push(stage, lead["id"])
+                    elif st["state"] == "dead":
+                        c.incr(f"dlq:{lead['campaign']}:{stage}:{_dlq_code(st)}", 1, default=0)
+                    self._count(c, lead["campaign"], stage, st["state"], 1)
+                self._db().execute("INSERT INTO lead (id, campaign, phone, data) VALUES (?, ?, ?, ?)",
+                                   (lead["id"], lead["campaign"], lead["phone"],
+                                    pickle.dumps(lead, pickle.HIGHEST_PROTOCOL)))
+                c.incr(f"n:{lead['campaign']}:imported", 1, default=0)
+            loaded["leads"] += len(batch)
+            batch.clear()
+
+        with self._tx() as c:
+            for kind, value in records:
+                if kind == "meta":
+                    c.set("meta.id", value["id"])
+                elif kind == "campaigns":
+                    c.set("campaigns", list(value))
+                elif kind == "counter":
+                    camp, name, n = value
+                    c.set(f"n:{camp}:{name}", int(n))
+                elif kind == "lead":
+                    batch.append(value)
+                    if len(batch) >= 1000:
+                        flush(c)
+                elif kind == "ledger":
+                    camp, euid, entry = value
+                    c.set(f"ledger:welcome:{camp}:{euid}", entry)
+                    loaded["ledger"] += 1
+            flush(c)
+        return loaded
+
     def store_id(self) -> str:
         return self.cache.get("meta.id") or "store"
 
