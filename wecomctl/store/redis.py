@@ -48,6 +48,11 @@ pid only means something on its own host (see `reclaim`).
 
 Ready entries are checked when pulled, as in DiskStore: an entry its lead no longer points
 at is dropped.
+
+`snapshot` / `restore` (wecomctl store copy) carry the leads' hashes, the campaigns, the
+"dupes" counters, meta.id and the ledger; restore rebuilds everything else above from the
+leads (seq, phones, n, dlq, the ready lists; delayed and leased items become ready) and
+leaves m:* and flag:* behind.
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ import socket
 import threading
 import uuid
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 from urllib.parse import unquote, urlsplit
 
 import redis
@@ -89,6 +94,35 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _glob_escape(text: str) -> str:
+    """text matched literally in a SCAN MATCH pattern."""
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
+
+
+def _restore_args(lead: dict[str, Any]) -> list[Any]:
+    """A snapshot's lead as the restore script's arguments: id, campaign, phone, the stages
+    to queue, then its hash (one field per lead key and per stage record key, JSON values).
+    A delayed or leased stage becomes ready, its intent kept and its lease token cleared;
+    the script sets its qkey to the new ready entry."""
+    fields: dict[str, Any] = {}
+    queue = []
+    for key, value in lead.items():
+        if key in STAGES and isinstance(value, dict):
+            rec = dict(value)
+            if rec.get("state") in ("ready", "delayed", "leased"):
+                rec.update(state="ready", qkey=None, lease=None)
+                queue.append(key)
+            for field, v in rec.items():
+                fields[f"{key}.{field}"] = v
+        else:
+            fields[key] = value
+    fields["id"] = int(lead["id"])
+    pairs: list[Any] = []
+    for field, value in fields.items():
+        pairs += [field, _j(value)]
+    return [int(lead["id"]), lead["campaign"], lead["phone"], ",".join(queue), len(fields), *pairs]
 
 
 def _decode(text: str | None) -> dict[str, Any] | None:
@@ -651,10 +685,66 @@ for i = 2, #ARGV do out[#out + 1] = lead_json(ARGV[i]) end
 return out
 """
 
+# ARGV: P, the last lead id already restored (0 before the first batch), count, then per
+# lead: id, campaign, phone, the stages to queue ("add,welcome" or ""), the number of hash
+# field/value pairs, the pairs (JSON values; a queued stage's state already "ready").
+# Returns the number of leads written, or a text saying why none was.
+_RESTORE = r"""
+local after, n = ARGV[2], tonumber(ARGV[3])
+-- Everything is checked before the first write: a script that fails halfway keeps what
+-- it wrote.
+if (redis.call('GET', P .. 'seq') or '0') ~= after then
+  return 'the store got leads from elsewhere while the copy was loading it'
+end
+local leads, seen = {}, {}
+local b = 4
+for i = 1, n do
+  local x = {id = ARGV[b], camp = ARGV[b + 1], phone = ARGV[b + 2], queue = ARGV[b + 3],
+             first = b + 5, last = b + 4 + 2 * tonumber(ARGV[b + 4])}
+  b = x.last + 1
+  local dkey = x.camp .. '\0' .. x.phone
+  if redis.call('EXISTS', lkey(x.id)) == 1 then return 'lead ' .. x.id .. ' is already in the store' end
+  if seen[dkey] or redis.call('HEXISTS', P .. 'phones:' .. x.camp, x.phone) == 1 then
+    return 'campaign ' .. x.camp .. ' has two leads with the phone ' .. x.phone
+  end
+  seen[dkey] = true
+  leads[i] = x
+end
+local listed = {}
+local last = after
+for _, x in ipairs(leads) do
+  if not listed[x.camp] then
+    if not redis.call('LPOS', P .. 'campaigns', x.camp) then redis.call('RPUSH', P .. 'campaigns', x.camp) end
+    listed[x.camp] = true
+  end
+  local k = lkey(x.id)
+  redis.call('HSET', k, unpack(ARGV, x.first, x.last))
+  redis.call('HSET', P .. 'phones:' .. x.camp, x.phone, x.id)
+  -- In id order, so the copy's ready queues hand the items out in id order.
+  for stage in string.gmatch(x.queue, '%a+') do
+    redis.call('HSET', k, stage .. '.qkey', enc(push(stage, x.id)))
+  end
+  for _, stage in ipairs({'add', 'welcome', 'writeback'}) do
+    local f = stage .. '.'
+    local h = redis.call('HMGET', k, f .. 'state', f .. 'errcode', f .. 'kind')
+    local state = h[1] and dec(h[1])
+    if state then
+      count(x.camp, stage, state, 1)
+      if state == 'dead' then dlq(x.camp, stage, dlq_code(h[2] or 'null', h[3] or 'null'), 1) end
+    end
+  end
+  redis.call('HINCRBY', P .. 'n:' .. x.camp, 'imported', 1)
+  last = x.id
+end
+redis.call('SET', P .. 'seq', last)
+return n
+"""
+
 _SCRIPTS = {
     "put": _PUT, "lease": _LEASE, "renew": _RENEW, "intent": _INTENT, "reclaim": _RECLAIM,
     "complete": _COMPLETE, "retry": _RETRY, "bury": _BURY, "release": _RELEASE,
     "maintain": _MAINTAIN, "requeue": _REQUEUE, "check": _CHECK, "read": _READ, "oldest": _OLDEST,
+    "restore": _RESTORE,
 }
 
 
@@ -1028,6 +1118,146 @@ class RedisStore:
                 self.r.set(key, uuid.uuid4().hex[:12], nx=True)
                 found = self.r.get(key)
         return found
+
+    # -- copying between stores (wecomctl store copy) ---------------------------------
+    def has_leases(self) -> bool:
+        """Is any item leased (a run is working on the store)?"""
+        with self._errors():
+            pipe = self.r.pipeline(transaction=False)
+            for stage in STAGES:
+                pipe.zcard(f"{self._p}lease:{stage}")
+            return any(pipe.execute())
+
+    def snapshot(self) -> Iterator[tuple[str, Any]]:
+        """Everything a copy needs, as records: ("meta", {"id"}), ("campaigns", [...]),
+        ("counter", (campaign, "dupes", n)) per campaign, ("lead", lead) in id order,
+        ("ledger", (campaign, external_userid, value)). Read while no run works on the store
+        (the records are read a page at a time, not at one instant)."""
+        yield "meta", {"id": self.store_id()}
+        camps = self.campaigns()
+        yield "campaigns", camps
+        with self._errors():
+            pipe = self.r.pipeline(transaction=False)
+            for camp in camps:
+                pipe.hget(f"{self._p}n:{camp}", "dupes")
+            dupes = pipe.execute()
+        for camp, n in zip(camps, dupes):
+            yield "counter", (camp, "dupes", int(n or 0))
+        yield from (("lead", lead) for lead in self.leads())
+        yield from (("ledger", entry) for entry in self._ledger_entries(camps))
+
+    def _ledger_entries(self, camps: list[str]) -> list[tuple[str, str, Any]]:
+        """Every welcome-ledger entry as (campaign, external_userid, value), sorted."""
+        head = f"{self._p}ledger:welcome:"
+        with self._errors():
+            keys = list(self.r.scan_iter(match=_glob_escape(head) + "*", count=1000))
+        entries = []
+        for start in range(0, len(keys), PAGE):
+            page = keys[start:start + PAGE]
+            with self._errors():
+                values = self.r.mget(page)
+            for key, raw in zip(page, values):
+                if raw is None:
+                    continue
+                value = json.loads(raw)
+                rest = key[len(head):]
+                # The key is "{campaign}:{euid}" and either may hold a ":": a campaign the
+                # key starts with; when several do, the campaign of the greeted lead.
+                fits = [c for c in camps if rest.startswith(c + ":")]
+                if len(fits) > 1 and isinstance(value, dict) and value.get("lead") is not None:
+                    owner = (self.lead(value["lead"]) or {}).get("campaign")
+                    fits = [c for c in fits if c == owner] or fits
+                if fits:
+                    camp = max(fits, key=len) if len(fits) > 1 else fits[0]
+                else:
+                    camp = rest.rsplit(":", 1)[0]  # a campaign no longer listed
+                entries.append((camp, rest[len(camp) + 1:], value))
+        entries.sort(key=lambda e: (e[0], e[1]))
+        return entries
+
+    def restore(self, records: Iterable[tuple[str, Any]], now: float) -> dict[str, int]:
+        """Load a snapshot into this store, which must hold no lead. Returns {"leads": n,
+        "ledger": n}.
+
+        Leads keep their id, data and stage records; queue entries and the counters (states,
+        imported, DLQ by code), the dedupe and the id sequence are rebuilt from them. Delayed
+        and leased items become ready (a copy is made while nothing runs): a leased item keeps
+        its intent, so its next delivery settles the call before making it again. The store
+        takes the source's id (write-back idempotency keys stay the same). Per-minute outcomes
+        are not copied. One script per 1,000 leads, each applied whole; a copy that fails
+        halfway leaves a partly loaded store (copy again into a new namespace)."""
+        with self._errors():
+            held = int(self.r.get(self._p + "seq") or 0)
+        if held:
+            raise StoreError(f"the store {self.path} (namespace {self.namespace}) already holds {held} leads; "
+                             "copy into a new namespace")
+        loaded = {"leads": 0, "ledger": 0}
+        batch: list[tuple[int, list[Any]]] = []  # (id, the script's arguments for it)
+        last = 0  # the last lead id written
+        recomputed = {"imported"} | {f"{stage}:{state}" for stage in STAGES for state in STATES}
+
+        def flush() -> None:
+            nonlocal last
+            if not batch:
+                return
+            args: list[Any] = [str(last), len(batch)]
+            for _lid, lead_args in batch:
+                args += lead_args
+            with self._errors():
+                answer = self._run("restore", *args)
+            if isinstance(answer, str):
+                raise StoreError(f"cannot copy into {self.path} (namespace {self.namespace}): {answer}")
+            last = batch[-1][0]
+            loaded["leads"] += len(batch)
+            batch.clear()
+
+        ledger: list[tuple[str, str]] = []
+
+        def flush_ledger() -> None:
+            if ledger:
+                with self._errors():
+                    pipe = self.r.pipeline(transaction=True)
+                    for key, value in ledger:
+                        pipe.set(key, value)
+                    pipe.execute()
+                loaded["ledger"] += len(ledger)
+                ledger.clear()
+
+        for kind, value in records:
+            if kind == "meta":
+                with self._errors():
+                    self.r.set(self._p + "meta.id", value["id"])
+            elif kind == "campaigns":
+                with self._errors():
+                    pipe = self.r.pipeline(transaction=True)
+                    pipe.delete(self._p + "campaigns")
+                    if value:
+                        pipe.rpush(self._p + "campaigns", *value)
+                    pipe.execute()
+            elif kind == "counter":
+                camp, name, n = value
+                if name not in recomputed:  # the state counters are rebuilt from the leads
+                    with self._errors():
+                        self.r.hset(f"{self._p}n:{camp}", name, int(n))
+            elif kind == "lead":
+                lid, prev = int(value["id"]), batch[-1][0] if batch else last
+                if lid <= prev:
+                    raise StoreError(f"cannot copy into {self.path}: lead {lid} comes after lead {prev} "
+                                     "(a snapshot lists leads in id order)")
+                batch.append((lid, _restore_args(value)))
+                if len(batch) >= PUT_BATCH:
+                    flush()
+            elif kind == "ledger":
+                camp, euid, entry = value
+                ledger.append((f"{self._p}ledger:welcome:{camp}:{euid}", _j(entry)))
+                if len(ledger) >= PUT_BATCH:
+                    flush_ledger()
+            else:
+                raise StoreError(f"cannot copy into {self.path}: unknown snapshot record {kind!r} "
+                                 "(made by a newer wecomctl?)")
+        flush()
+        flush_ledger()
+        return loaded
 
     def welcome_ledger(self, campaign: str, external_userid: str) -> dict[str, Any] | None:
         with self._errors():
