@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Chaos run: SIGKILL workers and then the whole run, finish with a second run, check.
 
-    python bench/chaos.py [--leads 2000] [--workers 4] [--kills 10]
+    python bench/chaos.py [--leads 2000] [--workers 4] [--kills 10] [--store disk|redis]
 
 Simulator with latency, 5% "system busy", expiring tokens and a rate limit; the leads are
 imported; `wecomctl run` starts; one random worker is SIGKILLed every second (the pool
@@ -10,6 +10,15 @@ then `wecomctl run` runs again to the end. Afterwards it must hold that `wecomct
 passes, imported = done + dead + skipped for every stage, the simulator saw no customer
 greeted twice, and ambiguous dead letters <= the number of kills. Prints a table and
 writes bench/results/chaos-PROVIDER-LEADS.json. tests/test_chaos.py runs a shortened version.
+
+--store redis runs the same on the Redis store (queue, rate limiter and token cache): a
+private redis-server on a free 127.0.0.1 port with the AOF on and fsynced on every write,
+and every wecomctl command gets --store redis://127.0.0.1:PORT/0?namespace=chaos. With
+--redis-restart (the default for redis), halfway through the kills that redis-server is
+stopped (SIGTERM), kept down about 3 s and started again on the same port and dir while
+the worker kills go on; the run must wait it out and carry on. The results say when the
+restart happened, how long Redis was down and how long the run took to make progress
+again; they go to bench/results/chaos-PROVIDER-LEADS-redis.json.
 """
 
 from __future__ import annotations
@@ -18,10 +27,13 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -56,6 +68,76 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _redis_answers(port: int) -> bool:
+    """PING gets PONG: the server is up and has loaded its AOF (while loading it says LOADING)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
+            conn.sendall(b"PING\r\n")
+            return conn.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """A private redis-server with the AOF on (every acknowledged write survives a restart)."""
+
+    def __init__(self, directory: Path, port: int | None = None):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+        self.url = f"redis://127.0.0.1:{self.port}/0?namespace=chaos"
+
+    def start(self, timeout: float = 30.0) -> None:
+        self._log = open(self.dir / "redis.log", "a")
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+            stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while not _redis_answers(self.port):
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"redis-server on port {self.port} did not start; see {self.dir / 'redis.log'}")
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # a clean shutdown: the AOF is flushed
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def _restart(server: RedisServer, down_s: float, into: dict, progress) -> None:
+    """Stop the server, keep it down about down_s, start it again on the same port and dir."""
+    into["at_progress"] = progress()
+    t0 = time.time()
+    try:
+        server.stop()
+        into["stopped_after_s"] = round(time.time() - t0, 2)
+        time.sleep(down_s)
+        server.start()
+    except Exception as exc:  # noqa: BLE001 - reported in the results
+        into["error"] = repr(exc)
+        return
+    into["back_at"] = time.time()
+    into["down_s"] = round(into["back_at"] - t0, 2)
+    into["restarted"] = True
+
+
 def write_leads(path: Path, n: int, rng: random.Random) -> int:
     """n leads, about 2% unknown to the gateway. Returns how many are unknown."""
     seen, unknown = set(), 0
@@ -72,10 +154,35 @@ def write_leads(path: Path, n: int, rng: random.Random) -> int:
 
 
 def chaos(leads: int = 2000, workers: int = 4, kills: int = 10, rate: int = 100, seed: int = 1,
-          provider: str = "msg_template", workdir: str | None = None, log=print) -> dict:
+          provider: str = "msg_template", workdir: str | None = None, log=print, store: str = "disk",
+          redis_restart: bool | None = None, redis_down_s: float = 3.0) -> dict:
+    if store not in ("disk", "redis"):
+        raise ValueError(f"store must be disk or redis, not {store!r}")
+    if redis_restart is None:
+        redis_restart = store == "redis"
     rng = random.Random(seed)
     work = Path(workdir or tempfile.mkdtemp(prefix="wecomctl-chaos-"))
+    server = None
+    extra: list[str] = []
+    if store == "redis":
+        if shutil.which("redis-server") is None:
+            raise RuntimeError("--store redis needs redis-server on PATH")
+        server = RedisServer(work / "redis")
+        server.start()
+        extra = ["--store", server.url]
+        log(f"redis-server on port {server.port}, AOF in {server.dir}")
+    try:
+        return _chaos(leads, workers, kills, rate, seed, provider, work, log, store, server, extra,
+                      redis_restart and server is not None, redis_down_s, rng)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _chaos(leads, workers, kills, rate, seed, provider, work, log, store, server, extra, redis_restart,
+           redis_down_s, rng) -> dict:
     sc = SimConfig(latency_ms=40, latency_jitter_ms=40, busy_rate=0.05, token_ttl_s=8, rate_limit=rate, seed=seed)
+    restart: dict = {"restarted": False}
     with start_process(sc) as sim:
         conf_data = yaml.safe_load(cfg.simulator_config(sim.url, sc))
         conf_data["run"].update(workers=workers, lease_s=3, max_deliveries=20)
@@ -84,32 +191,62 @@ def chaos(leads: int = 2000, workers: int = 4, kills: int = 10, rate: int = 100,
         conf.write_text(yaml.safe_dump(conf_data, allow_unicode=True), encoding="utf-8")
         data = str(work / "data")
         unknown = write_leads(work / "leads.csv", leads, rng)
-        imp = wecomctl("import", str(work / "leads.csv"), "--campaign", "chaos", "-c", str(conf), "-d", data, "--json")
+        imp = wecomctl("import", str(work / "leads.csv"), "--campaign", "chaos", "-c", str(conf), "-d", data, "--json",
+                       *extra)
         assert imp.returncode == 0, imp.stderr
         log(f"imported {leads} leads ({unknown} unknown to the gateway) into {data}")
 
         t0 = time.time()
         with open(work / "run1.out", "w") as out:
-            run = subprocess.Popen([sys.executable, "-m", "wecomctl", "run", "-c", str(conf), "-d", data],
+            run = subprocess.Popen([sys.executable, "-m", "wecomctl", "run", "-c", str(conf), "-d", data, *extra],
                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
             done_kills = 0
+            restarter = None
+
+            def progress() -> int:
+                st = sim.stats()
+                return st["adds"] + st["welcomes"]
+
             while done_kills < kills and run.poll() is None:
                 time.sleep(1.0)
                 pids = children(run.pid)
                 if pids:
                     os.kill(rng.choice(pids), signal.SIGKILL)
                     done_kills += 1
+                if redis_restart and restarter is None and done_kills >= kills // 2:
+                    # in a thread: the worker kills go on while Redis is down
+                    restart["at_kill"] = done_kills
+                    restart["at_s"] = round(time.time() - t0, 1)
+                    restarter = threading.Thread(target=_restart, args=(server, redis_down_s, restart, progress))
+                    restarter.start()
+            if restarter is not None:
+                restarter.join()
+                if not restart["restarted"]:
+                    raise RuntimeError(f"the Redis restart failed: {restart.get('error')}")
+                log(f"restarted redis-server at kill {restart['at_kill']}: down {restart['down_s']}s")
+                # the run has to make progress again before it is killed as a whole
+                deadline = time.time() + 60
+                while progress() <= restart["at_progress"] and run.poll() is None and time.time() < deadline:
+                    time.sleep(0.1)
+                moved = progress() > restart["at_progress"]
+                restart["resumed"] = moved
+                restart["resumed_after_s"] = round(time.time() - restart["back_at"], 1) if moved else None
+                restart["run_said_waiting"] = restart["run_said_back"] = False
             log(f"killed {done_kills} workers in {time.time() - t0:.1f}s; now SIGKILL the whole run")
             if run.poll() is None:
                 os.killpg(run.pid, signal.SIGKILL)
             run.wait()
-        mid = json.loads(wecomctl("status", "--json", "-c", str(conf), "-d", data).stdout)
+        if restart["restarted"]:
+            said = (work / "run1.out").read_text(encoding="utf-8", errors="replace")
+            restart["run_said_waiting"] = "unreachable" in said
+            restart["run_said_back"] = "is back" in said
+        mid = json.loads(wecomctl("status", "--json", "-c", str(conf), "-d", data, *extra).stdout)
 
-        second = wecomctl("run", "-c", str(conf), "-d", data, "--json")
+        second = wecomctl("run", "-c", str(conf), "-d", data, "--json", *extra)
         elapsed = time.time() - t0
-        check = wecomctl("check", "--json", "-c", str(conf), "-d", data)
-        status = json.loads(wecomctl("status", "--json", "-c", str(conf), "-d", data).stdout)
-        dlq = json.loads(wecomctl("dlq", "list", "--json", "-c", str(conf), "-d", data).stdout)
+        check = wecomctl("check", "--json", "-c", str(conf), "-d", data, *extra)
+        status = json.loads(wecomctl("status", "--json", "-c", str(conf), "-d", data, *extra).stdout)
+        dlq = json.loads(wecomctl("dlq", "list", "--json", "-c", str(conf), "-d", data, *extra).stdout)
         stats = sim.stats()
 
     stages = status["stages"]
@@ -137,6 +274,13 @@ def chaos(leads: int = 2000, workers: int = 4, kills: int = 10, rate: int = 100,
         "duplicate_welcomes = 0": stats["duplicate_welcomes"] == 0,
         "ambiguous <= kills": ambiguous <= result["kills"],
     }
+    if store == "redis":
+        result["params"]["store"] = "redis"
+        restart.pop("back_at", None)
+        restart.pop("at_progress", None)
+        result["redis_restart"] = restart
+        if redis_restart:
+            result["holds"]["run carried on after the Redis restart"] = bool(restart.get("resumed"))
     return result
 
 
@@ -156,8 +300,13 @@ def main() -> None:
     ap.add_argument("--rate", type=int, default=100, help="simulator and config limit, calls/s per API")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--provider", default="msg_template", choices=["msg_template", "gateway", "welcome_code"])
+    ap.add_argument("--store", default="disk", choices=["disk", "redis"],
+                    help="disk: the data dir (default); redis: a private redis-server with the AOF on")
+    ap.add_argument("--redis-restart", action=argparse.BooleanOptionalAction, default=None,
+                    help="stop redis-server mid-kills for about 3 s, then start it again (default: on for redis)")
     args = ap.parse_args()
-    r = chaos(args.leads, args.workers, args.kills, args.rate, args.seed, args.provider)
+    r = chaos(args.leads, args.workers, args.kills, args.rate, args.seed, args.provider, store=args.store,
+              redis_restart=args.redis_restart)
     print(f"\n{'what':<42} value")
     for k in ("kills", "imported", "ambiguous", "duplicate_welcomes", "sim_welcomes", "lookups", "elapsed_s",
               "second_run_exit"):
@@ -165,10 +314,13 @@ def main() -> None:
     for stage, row in r["stages"].items():
         print(f"{stage:<42} " + " ".join(f"{k}={v}" for k, v in row.items()))
     print(f"{'dead by kind':<42} {r['dead_by_kind']}")
+    if "redis_restart" in r:
+        print(f"{'redis restart':<42} " + " ".join(f"{k}={v}" for k, v in r["redis_restart"].items()))
     for what, ok in r["holds"].items():
         print(f"{what:<42} {'yes' if ok else 'NO'}")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"chaos-{args.provider}-{args.leads}.json").write_text(json.dumps(r, ensure_ascii=False, indent=1), encoding="utf-8")
+    suffix = "-redis" if args.store == "redis" else ""
+    (RESULTS / f"chaos-{args.provider}-{args.leads}{suffix}.json").write_text(json.dumps(r, ensure_ascii=False, indent=1), encoding="utf-8")
     sys.exit(0 if all(r["holds"].values()) else 1)
 
 
