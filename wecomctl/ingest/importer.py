@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import os
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,28 +147,33 @@ class Importer:
         self._dupes.write([nl.source, nl.row, nl.raw, nl.phone, matched_file, matched_row])
 
     def _import(self, files, report: ImportReport) -> None:
-        for lf in files:
-            fr = FileReport(lf.path, lf.format, lf.encoding, lf.delimiter)
-            report.files.append(fr)
-            batch: list[NewLead] = []
-            for n, row in enumerate(lf.rows(), 1):
-                if self.on_progress is not None and n % PROGRESS_EVERY == 0:
-                    self.on_progress(lf.path, n)
-                if isinstance(row, Blank):
-                    fr.blank += 1
-                elif isinstance(row, Reject):
-                    self._reject(row, fr, report)
-                else:
-                    owner, why = self._owner_for(row)
-                    if why:
-                        self._reject(Reject(row.source, row.row, row.raw, why), fr, report)
-                        continue
-                    batch.append(NewLead(row.phone, row.name, owner, dict(row.fields), row.source, row.row, row.raw))
-                    if len(batch) >= BATCH:
-                        self._flush(batch, fr)
-                        batch = []
-            self._flush(batch, fr)
-            fr.nul_rows = getattr(lf, "nul_rows", 0)
+        writer = _BatchWriter(self._flush, threaded=not self.dry_run)
+        try:
+            for lf in files:
+                fr = FileReport(lf.path, lf.format, lf.encoding, lf.delimiter)
+                report.files.append(fr)
+                batch: list[NewLead] = []
+                for n, row in enumerate(lf.rows(), 1):
+                    if self.on_progress is not None and n % PROGRESS_EVERY == 0:
+                        self.on_progress(lf.path, n)
+                    if isinstance(row, Blank):
+                        fr.blank += 1
+                    elif isinstance(row, Reject):
+                        self._reject(row, fr, report)
+                    else:
+                        owner, why = self._owner_for(row)
+                        if why:
+                            self._reject(Reject(row.source, row.row, row.raw, why), fr, report)
+                            continue
+                        batch.append(NewLead(row.phone, row.name, owner, dict(row.fields), row.source, row.row, row.raw))
+                        if len(batch) >= BATCH:
+                            writer.submit(batch, fr)
+                            batch = []
+                writer.submit(batch, fr)
+                fr.nul_rows = getattr(lf, "nul_rows", 0)
+        finally:
+            writer.close()  # every batch handed over is written (or the first error raised)
+        for fr in report.files:
             report.accepted += fr.accepted
             report.rejected += fr.rejected
             report.skipped += fr.skipped
@@ -207,6 +214,50 @@ class Importer:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now)) + f"-{int(now * 1000) % 1000:03d}-{os.getpid()}"
         safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in self.campaign)
         return Path(self.rejects_dir) / f"{kind}-{safe}-{stamp}.csv"
+
+
+class _BatchWriter:
+    """Writes batches in order on one thread while the caller reads and checks the next
+    rows. SQLite does its part of a write (index inserts, the commit) without holding the
+    GIL, so reading and writing overlap. Each batch is still one transaction, in file
+    order, so an interrupted import re-run ends with the same queue."""
+
+    def __init__(self, write, threaded: bool = True):
+        self._write, self._threaded = write, threaded
+        self._error: BaseException | None = None
+        if threaded:
+            self._queue: queue.Queue = queue.Queue(maxsize=2)
+            self._thread = threading.Thread(target=self._run, name="import-writer", daemon=True)
+            self._thread.start()
+
+    def submit(self, batch, fr) -> None:
+        if not self._threaded:
+            self._write(batch, fr)
+            return
+        self._raise()
+        self._queue.put((batch, fr))
+
+    def close(self) -> None:
+        if self._threaded:
+            self._queue.put(None)
+            self._thread.join()
+            self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if self._error is None:
+                try:
+                    self._write(*job)
+                except BaseException as exc:  # noqa: BLE001 - handed to the reading thread
+                    self._error = exc
 
 
 class _ReportFile:

@@ -689,9 +689,15 @@ class DiskStore:
         for lead in self.leads():
             yield "lead", lead
         for key in self._keys("ledger:welcome:"):
-            _, _, rest = key.split(":", 2)
-            camp, euid = rest.rsplit(":", 1)
-            yield "ledger", (camp, euid, self.cache.get(key))
+            rest, entry = key[len("ledger:welcome:"):], self.cache.get(key)
+            # Campaign names and external_userids may both hold ":": the entry's lead says
+            # which campaign it belongs to when more than one name fits.
+            fits = [c for c in camps if rest.startswith(c + ":")]
+            if len(fits) > 1:
+                owner = (self.lead((entry or {}).get("lead")) or {}).get("campaign")
+                fits = [c for c in fits if c == owner] or fits
+            camp = max(fits, key=len) if fits else rest.rsplit(":", 1)[0]
+            yield "ledger", (camp, rest[len(camp) + 1:], entry)
 
     def has_leases(self) -> bool:
         return any(self._keys(f"q.{stage}.lease-") for stage in STAGES)
