@@ -328,19 +328,25 @@ def _print_status(data: dict) -> None:
     stamp = time.strftime("%H:%M:%S", time.localtime(data["at"]))
     out.print(f"[{stamp}] imported {data['imported']}, duplicates skipped at import {data['skipped']}", highlight=False)
     cols = ("ready", "delayed", "leased", "done", "dead", "skipped", "entered")
-    t = Table(title="queues")
-    t.add_column("campaign")
-    t.add_column("stage")
-    for c in cols:
-        t.add_column(c, justify="right")
-    for extra in ("err 5m", "done/min", "oldest wait"):
-        t.add_column(extra, justify="right")
+    rows = []
     for camp, c in data["campaigns"].items():
         for stage, row in c["stages"].items():
+            if stage == "writeback" and not row["entered"]:
+                continue
             rate = "-" if row["error_rate_5m"] is None else f"{row['error_rate_5m']:.0%}"
             age = "-" if row["oldest_ready_s"] is None else f"{row['oldest_ready_s']:.0f}s"
-            t.add_row(camp, stage, *[str(row[c]) for c in cols], rate, f"{row['per_minute']:.1f}", age)
-    out.print(t)
+            rows.append((camp, stage, *[str(row[c]) for c in cols], rate, f"{row['per_minute']:.1f}", age))
+    heads = ("campaign", "stage", *cols, "err_5m", "done_per_min", "oldest_wait")
+    if out.is_terminal:
+        t = Table(title="queues")
+        for i, h in enumerate(heads):
+            t.add_column(h.replace("_", " "), justify="left" if i < 2 else "right")
+        for r in rows:
+            t.add_row(*r)
+        out.print(t)
+    else:  # cron mail and logs: whole lines, nothing cut to fit a width
+        for r in rows:
+            out.print(" ".join(f"{h}={v}" for h, v in zip(heads, r)), highlight=False, markup=False)
     if data["dead_by_code"]:
         from wecomctl.report.export import describe
 
