@@ -152,9 +152,13 @@ def test_unreachable_api_stops_the_run_with_items_queued(tmp_path):
     cli("import", str(leads), "--campaign", "u", "--config", str(conf), "--data-dir", data)
     proc = cli("run", "--config", str(conf), "--data-dir", data, "--workers", "1", check=False)
     assert proc.returncode == 3 and "Traceback" not in proc.stderr
-    assert "cannot reach" in proc.stderr and proc.stderr.strip().count("\n") == 0
+    lines = proc.stderr.strip().splitlines()
+    assert "cannot reach" in lines[-1]  # one line says what is wrong...
+    assert all("could not send an alert" in line for line in lines[:-1])  # (its robot is on that host too)
     st = json.loads(cli("status", "--json", "--config", str(conf), "--data-dir", data).stdout)
     assert st["stages"]["add"]["ready"] == 1 and st["stages"]["add"]["dead"] == 0
+    # ...and a cron job's monitoring hears of it: the stop is a fatal alert
+    assert st["fatal"] and "cannot reach" in st["fatal"]["error"] and st["alerts"][0]["key"] == "fatal"
 
 
 def test_bad_secret_stops_before_any_item_is_touched(tmp_path, sim):
@@ -203,7 +207,7 @@ def test_live_view_on_a_terminal(tmp_path):
     with start_in_thread(sc) as handle:
         conf, data = prepare(tmp_path, handle, sc, 60, "t")
         master, slave = pty.openpty()
-        env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"}
+        env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "80"}  # a plain terminal's width
         env.pop("CI", None)  # rich treats CI as "not interactive"
         proc = subprocess.Popen([sys.executable, "-m", "wecomctl", "run", "--config", str(conf), "--data-dir", data,
                                  "--workers", "1"], stdout=slave, stderr=slave, env=env)
@@ -226,6 +230,7 @@ def test_live_view_on_a_terminal(tmp_path):
     assert proc.returncode == 0, screen
     assert "\x1b[" in screen  # cursor control: a live view
     assert "add" in screen and "welcome" in screen and "60/60" in screen
+    assert "/50/s ETA" in screen  # the rate against the limit and the time left fit in 80 columns
     assert "progress " not in screen  # not the plain-line format
 
 

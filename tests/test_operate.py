@@ -155,3 +155,23 @@ def test_export_filters_and_dlq_export(tmp_path):
         letters = list(csv.DictReader(open(fix, encoding="utf-8-sig")))
         assert len(letters) == 12 and all(r["errcode"] == "910001" and r["todo"] for r in letters)
         assert {r["phone"] for r in letters} == {f"+86{u}" for u in unknown}
+
+
+def test_a_wrong_secret_stops_at_once_and_the_robot_hears_of_it(tmp_path):
+    sc = SimConfig(seed=9)
+    with start_in_thread(sc) as handle:
+        conf, d, valid, unknown = setup(tmp_path, handle, sc)
+        assert cli("run", "--config", conf, "--data-dir", d, "--workers", "1").returncode == 1  # a token is cached now
+        body = yaml.safe_load(open(conf, encoding="utf-8"))
+        body["wecom"]["corp_secret"] = "mistyped"  # a rotated or mistyped secret
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump(body), encoding="utf-8")
+        leads = tmp_path / "more.csv"
+        make_leads(leads, n_valid=5, n_invalid=0, n_unknown=0, n_dupes=0, seed=42)
+        cli("import", str(leads), "--campaign", "op", "--config", str(bad), "--data-dir", d)
+        run = cli("run", "--config", str(bad), "--data-dir", d, "--workers", "1", check=False)
+        assert run.returncode == 3 and "40001" in run.stderr  # not hidden by the cached token
+        messages = sim_get(handle, "/_sim/robot")
+        assert len(messages) == 1 and "stopped" in messages[0]["content"] and "mistyped" not in messages[0]["content"]
+        st = cli("status", "--check", "--config", str(bad), "--data-dir", d)
+        assert st.returncode == 1

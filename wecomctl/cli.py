@@ -337,7 +337,7 @@ def _print_status(data: dict) -> None:
             age = "-" if row["oldest_ready_s"] is None else f"{row['oldest_ready_s']:.0f}s"
             rows.append((camp, stage, *[str(row[c]) for c in cols], rate, f"{row['per_minute']:.1f}", age))
     heads = ("campaign", "stage", *cols, "err_5m", "done_per_min", "oldest_wait")
-    if out.is_terminal:
+    if out.is_terminal and out.width >= 120:  # the table needs the room; lines never cut a number
         t = Table(title="queues")
         for i, h in enumerate(heads):
             t.add_column(h.replace("_", " "), justify="left" if i < 2 else "right")
@@ -360,7 +360,7 @@ def _print_status(data: dict) -> None:
     if data["fatal"]:
         err.print(f"[red]last run stopped:[/] {data['fatal']['error']}", highlight=False)
     for a in data["alerts"]:
-        out.print(f"[red]alert:[/] {a['text']}", highlight=False)
+        out.print(f"[red]alert:[/] {a['text'].replace('**', '')}", highlight=False)
 
 
 @app.command()
@@ -408,7 +408,7 @@ def retry_dlq(
     stage: Optional[str] = typer.Option(None, "--stage", help="add, welcome or writeback (default all)."),
     campaign: Optional[str] = typer.Option(None, "--campaign", help="Only this campaign."),
     errcode: Optional[int] = typer.Option(None, "--errcode", help="Only dead letters with this errcode."),
-    kind: Optional[str] = typer.Option(None, "--kind", help="Only this kind: ambiguous, network, poison, invalid, dead, retry, ..."),
+    kind: Optional[str] = typer.Option(None, "--kind", help="Only this kind: ambiguous, config, dead, http, invalid, network, poison, retry, throttle, token, window."),
     limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Move at most this many."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Count what would move; move nothing."),
     store: Optional[str] = StoreOpt, config: Optional[str] = ConfigOpt, data_dir: Optional[str] = DataDirOpt, as_json: bool = JsonOpt,
@@ -424,6 +424,10 @@ def retry_dlq(
     try:
         if stage not in (None, "add", "welcome", "writeback"):
             raise WecomctlError(f"--stage must be add, welcome or writeback, not {stage!r}")
+        from wecomctl.report.export import DEAD_KINDS
+
+        if kind is not None and kind not in DEAD_KINDS:
+            raise WecomctlError(f"--kind must be one of {', '.join(DEAD_KINDS)}, not {kind!r}")
         s, store = _open_existing(config, data_dir, store)
         n = store.requeue_dead(stage, campaign, time.time(), errcode=errcode, limit=limit, dry_run=dry_run, kind=kind)
         store.close()
@@ -558,7 +562,10 @@ def store_copy(
     import time
 
     from wecomctl.report.progress import totals
-    from wecomctl.store import open_store as open_location, redact_url
+    from wecomctl.store import is_redis_url, open_store as open_location, redact_url
+
+    def shown(location: str) -> str:
+        return redact_url(location) if is_redis_url(location) else location
 
     try:
         s = _settings(config, None)
@@ -569,7 +576,7 @@ def store_copy(
               "writeback": bool(s.writeback.url)}
         src = open_location(source, create=False, **kw)
         if src.has_leases():
-            raise WecomctlError(f"a run is working on {redact_url(source)} (items are leased); "
+            raise WecomctlError(f"a run is working on {shown(source)} (items are leased); "
                                 "stop it (or wait for it to end), then copy")
         dst = open_location(target, create=True, **kw)
         start = time.time()
@@ -581,7 +588,7 @@ def store_copy(
     except WecomctlError as exc:
         _fail(exc)
     result = {"leads": loaded["leads"], "ledger": loaded["ledger"], "seconds": round(time.time() - start, 2),
-              "check_problems": problems, "from": redact_url(source), "to": redact_url(target),
+              "check_problems": problems, "from": shown(source), "to": shown(target),
               "done": {st: after[st]["done"] for st in after}, "dead": {st: after[st]["dead"] for st in after}}
     same = all(before[st][k] == after[st][k] for st in before for k in ("done", "dead", "skipped", "entered"))
     if as_json:
@@ -591,8 +598,8 @@ def store_copy(
                   f"{result['from']} to {result['to']} in {result['seconds']}s; "
                   f"{'check ok' if not problems else f'{len(problems)} problems: ' + '; '.join(problems[:3])}",
                   highlight=False, markup=False)
-        out.print(f"next: wecomctl run --store {result['to']}" if "://" in target else f"next: wecomctl run -d {target}",
-                  highlight=False, markup=False)
+        out.print(f"next: wecomctl run --config YOUR.yaml --store '{result['to']}'" if "://" in target
+                  else f"next: wecomctl run --config YOUR.yaml -d {target}", highlight=False, markup=False)
     raise typer.Exit(EXIT_OK if same and not problems else EXIT_DEAD)
 
 

@@ -71,7 +71,15 @@ def run(settings: Settings, workers: int, until_empty: bool = True,
     store = Patient(open_store(settings, create=False), stopping, "the store")
     # Build the clients once here so a missing secret or URL, a bad secret or an API that
     # cannot be reached fails before any process starts and before any item is touched.
-    preflight(build_context(settings, store, threading.Event()))
+    try:
+        preflight(build_context(settings, store, threading.Event()))
+    except Unreachable as exc:
+        # Told like a fatal stop mid-run: a cron job with a wrong secret must not fail
+        # quietly every ten minutes.
+        store.set_flag("fatal", {"api": "preflight", "errcode": None, "error": str(exc), "todo": "", "at": time.time()})
+        check_and_notify(store, settings)
+        store.close()
+        raise
     store.set_flag("fatal", None)  # a new run: the operator has fixed what stopped the last one
     # Leases of workers that no longer exist (a run that was killed) go back at once.
     store.reclaim(time.time())

@@ -75,7 +75,9 @@ def make_limiter(settings: Settings, clock=time.time, stop: threading.Event | No
 
 def build_context(settings: Settings, store, stop: threading.Event, clock=time.time) -> Context:
     shared = Path(settings.run.shared_path())
-    wecom_scope = _scope(settings.wecom.base_url, settings.wecom.corp_id)
+    # The token is cached per secret too: a changed (or mistyped) secret fetches its own
+    # token, so it is checked at once instead of when the old token expires.
+    token_scope = _scope(settings.wecom.base_url, settings.wecom.corp_id, settings.corp_secret().get())
     limiter = make_limiter(settings, clock, stop)
     timeout = max(settings.wecom.timeout_s, settings.gateway.timeout_s)
     pool = settings.run.concurrency + 2
@@ -88,7 +90,7 @@ def build_context(settings: Settings, store, stop: threading.Event, clock=time.t
         client = WecomClient(
             settings.wecom.base_url, settings.wecom.corp_id, settings.corp_secret(), api,
             lambda fetch: Patient(make_token_cache(_shared_redis(settings), str(shared), settings.wecom.corp_id,
-                                                   wecom_scope, settings.wecom.token_refresh_margin_s, fetch, clock=clock),
+                                                   token_scope, settings.wecom.token_refresh_margin_s, fetch, clock=clock),
                                   stop, "the shared access token (Redis)"),
         )
         welcome["msg_template"] = MsgTemplateWelcome(client)

@@ -15,7 +15,7 @@ from wecomctl.store.base import STAGES
 COLUMNS = ["id", "campaign", "phone", "name", "owner", "external_userid", "status", "add_status",
            "welcome_status", "errcode", "error", "attempts", "source", "row", "writeback_status"]
 DLQ_COLUMNS = ["id", "campaign", "stage", "phone", "name", "owner", "errcode", "kind", "error", "meaning", "todo",
-               "attempts", "at"]
+               "attempts", "at", "source", "row"]
 # The lead's overall status (export --status filters on it).
 STATUSES = ("welcomed", "already_welcomed", "dead", "in_progress")
 
@@ -124,6 +124,11 @@ KINDS = {
 }
 
 
+# What --kind accepts: the errcode classes an item can die with, and the kinds above.
+DEAD_KINDS = ("ambiguous", "config", "dead", "http", "invalid", "network", "poison", "retry", "throttle",
+              "token", "window")
+
+
 def describe(code: str) -> str:
     """The meaning of a DLQ code as counted by the store: an errcode, or a kind."""
     from wecomctl.wecom import errcodes
@@ -154,5 +159,5 @@ def dead_letters(leads: Iterable[dict[str, Any]], stage: str | None = None,
                 "kind": s.get("kind"), "error": s.get("error"),
                 "attempts": s.get("calls", s.get("attempts", 0)),  # calls made, as in export
                 "meaning": info.meaning if info else None, "todo": info.note if info else None,
-                "at": s.get("at"),
+                "at": s.get("at"), "source": lead.get("source"), "row": lead.get("row"),
             }

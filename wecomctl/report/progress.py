@@ -143,8 +143,8 @@ class LiveProgress:
         self.outlook = Outlook(settings)
         self.console = console
         self.progress = Progress(
-            TextColumn("[bold]{task.fields[stage]:<8}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console,
+            TextColumn("[bold]{task.fields[stage]:<9}"), BarColumn(bar_width=12), MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"), console=console,
             refresh_per_second=4,
         )
         self.tasks = {}
@@ -167,9 +167,11 @@ class LiveProgress:
             row = rows[s]
             rate = self.meters[s].add(elapsed, finished(row))
             limit = o.limits.get(s, 0.0)
-            detail = (f"[green]done {row['done']}[/] [red]dead {row['dead']}[/] skipped {row['skipped']} "
-                      f"[yellow]retrying {row['delayed']}[/] in flight {row['leased']}  "
-                      f"{rate:.1f}/s{f' of {limit:g}/s' if limit else ''}  ETA {o.eta(row, rate)}")
+            # Short labels: the line must fit an 80-column terminal beside the bar.
+            skipped = f"skip {row['skipped']} " if row["skipped"] else ""
+            of = f"/{limit:g}" if limit else ""
+            detail = (f"[green]ok {row['done']}[/] [red]dead {row['dead']}[/] {skipped}"
+                      f"[yellow]retry {row['delayed']}[/] calls {row['leased']} {rate:.0f}{of}/s ETA {o.eta(row, rate)}")
             self.progress.update(self.tasks[s], total=max(row["entered"], 1), completed=finished(row), detail=detail,
                                  visible=s != "writeback" or row["entered"] > 0)
         pauses = o.pauses()
