@@ -145,3 +145,28 @@ def test_same_token_with_short_remaining_life_is_not_fetched_on_every_call(tmp_p
         c.post("p", "/cgi-bin/p", {})
         clock.t += 5
     assert tok.call_count <= 12
+
+
+@respx.mock
+def test_a_call_that_missed_its_slot_takes_a_new_one():
+    # The intent took longer than the guard (the store was slow or down): going out now on
+    # the old slot could put more than the limit in one window.
+    import time as _time
+
+    class CountingLimit(NoLimit):
+        acquired = 0
+
+        def acquire(self, api, should_stop=None):
+            self.acquired += 1
+            return True
+
+        def tolerance(self, api):
+            return 0.02
+
+    respx.post(f"{BASE}/x").respond(json={"errcode": 0})
+    limiter = CountingLimit()
+    api = HttpApi(httpx.Client(), limiter)
+    api.send("add_by_phone", "POST", f"{BASE}/x", body={}, on_send=lambda: _time.sleep(0.06) or True)
+    assert limiter.acquired == 2
+    api.send("add_by_phone", "POST", f"{BASE}/x", body={}, on_send=lambda: True)
+    assert limiter.acquired == 3  # in time: one slot

@@ -111,7 +111,9 @@ def test_a_storm_of_dead_letters_sends_one_robot_message(tmp_path):
 def test_write_back_delivers_every_outcome_once_through_failures(tmp_path):
     sc = SimConfig(seed=6, writeback_fail_rate=0.3, writeback_lost_reply_rate=0.2)
     with start_in_thread(sc) as handle:
-        conf, d, valid, unknown = setup(tmp_path, handle, sc, writeback=True)
+        # 44% of deliveries fail: with 16 attempts, giving up on one of 72 is a 1-in-7,000 event
+        conf, d, valid, unknown = setup(tmp_path, handle, sc, writeback=True,
+                                        retry={"max_attempts": 16, "base_delay_s": 0.05, "max_delay_s": 0.5})
         run = cli("run", "--config", conf, "--data-dir", d, "--workers", "2", "--json")
         summary = json.loads(run.stdout)
         assert summary["stages"]["writeback"]["done"] == 72, summary

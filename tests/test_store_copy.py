@@ -100,3 +100,19 @@ def test_copy_to_redis_and_back(tmp_path, clock):
         keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
         if keys:
             client.delete(*keys)
+
+
+def test_copy_refuses_a_store_a_run_is_working_on(tmp_path, clock):
+    import time
+
+    src = open_store(str(tmp_path / "src"), **KW)
+    src.put_leads("a", [lead()], clock())
+    # a run whose items all wait to retry holds no lease, but it is alive
+    src.set_flag("heartbeat", {"at": time.time(), "by": "host-123"})
+    src.close()
+    refused = cli("store", "copy", "--from", str(tmp_path / "src"), "--to", str(tmp_path / "dst"), check=False)
+    assert refused.returncode == 2 and "host-123" in refused.stderr and "stop every run" in refused.stderr
+    src = open_store(str(tmp_path / "src"), **KW)
+    src.set_flag("heartbeat", {"at": time.time() - 60, "by": "host-123"})  # that run ended a minute ago
+    src.close()
+    assert cli("store", "copy", "--from", str(tmp_path / "src"), "--to", str(tmp_path / "dst")).returncode == 0

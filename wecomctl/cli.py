@@ -231,10 +231,12 @@ def _print_run_summary(result, as_json: bool) -> None:
                           "this_run": this, "stages": rows, "fatal": result.fatal,
                           "worker_errors": result.worker_errors}, ensure_ascii=False))
     else:
-        a, w = rows["add"], rows["welcome"]
+        a, w, b = rows["add"], rows["welcome"], rows["writeback"]
+        queued = sum(r[k] for r in (a, w, b) for k in ("ready", "delayed", "leased"))
+        written = f", written back {b['done']}" if b["entered"] else ""
         out.print(f"run finished in {result.elapsed:.1f}s: this run added {this['added']}, welcomed {this['welcomed']}, "
-                  f"dead-lettered {this['dead']}; in all: added {a['done']}, welcomed {w['done']}, dead {a['dead'] + w['dead']}, "
-                  f"still queued {a['ready'] + a['delayed'] + a['leased'] + w['ready'] + w['delayed'] + w['leased']}", highlight=False)
+                  f"dead-lettered {this['dead']}; in all: added {a['done']}, welcomed {w['done']}{written}, "
+                  f"dead {a['dead'] + w['dead'] + b['dead']}, still queued {queued}", highlight=False)
     # What needs a person's attention goes to stderr, with or without --json.
     if result.fatal:
         todo = result.fatal.get("todo")
@@ -289,11 +291,13 @@ def status(
 
     from wecomctl.report import health
     from wecomctl.report.notify import Notifier
+    from wecomctl.store import redact_url as redact_store
 
     try:
         s, store = _open_existing(config, data_dir, store)
         if campaign is not None and campaign not in store.campaigns():
-            raise WecomctlError(f"no campaign {campaign!r} in {s.data_dir} (campaigns: {', '.join(store.campaigns()) or 'none'})")
+            where = s.run.store and redact_store(s.run.store) or s.data_dir
+            raise WecomctlError(f"no campaign {campaign!r} in {where} (campaigns: {', '.join(store.campaigns()) or 'none'})")
         while True:
             data = health.snapshot(store, s, time.time(), campaign)
             if prometheus:
@@ -525,9 +529,12 @@ def dlq_export(
     def rows(letters):
         import time
 
+        from wecomctl.logs import mask_phone
+
         for r in letters:
             if mask_phones:
                 r["phone"] = mask(r["phone"])
+                r["error"] = mask_phone(r["error"] or "")  # a receiver may echo the number
             if r.get("at"):
                 r["at"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"]))
             yield r
@@ -575,6 +582,13 @@ def store_copy(
         kw = {"max_attempts": s.retry.max_attempts, "max_deliveries": s.run.max_deliveries,
               "writeback": bool(s.writeback.url)}
         src = open_location(source, create=False, **kw)
+        from wecomctl.pipeline.pool import HEARTBEAT_FRESH_S
+
+        beat = src.get_flag("heartbeat")
+        if beat and time.time() - beat["at"] < HEARTBEAT_FRESH_S:
+            raise WecomctlError(f"a run is working on {shown(source)} (its last sign of life {time.time() - beat['at']:.0f}s "
+                                f"ago, from {beat.get('by')}); stop every run on it, then copy "
+                                f"(a run counts as stopped {HEARTBEAT_FRESH_S:.0f}s after its end)")
         if src.has_leases():
             raise WecomctlError(f"a run is working on {shown(source)} (items are leased); "
                                 "stop it (or wait for it to end), then copy")
@@ -606,17 +620,17 @@ def store_copy(
 # --- simulate / demo ----------------------------------------------------------------------
 @app.command()
 def simulate(
-    port: int = typer.Option(0, "--port", min=0, max=65535, help="Port on 127.0.0.1 (0 = pick a free one and print it)."),
-    latency_ms: float = typer.Option(0.0, "--latency-ms", help="Added latency per call."),
-    rate_limit: int = typer.Option(0, "--rate-limit", help="Calls per second per API (0 = none); beyond it 45009 until the window ends."),
-    rate_mode: str = typer.Option("fixed", "--rate-mode", help="fixed: windows aligned to the clock (WeCom's block semantics); sliding: no window anywhere may exceed the limit."),
-    max_concurrency: int = typer.Option(0, "--max-concurrency", help="Calls in flight per API (0 = none); beyond it 45033."),
-    busy_rate: float = typer.Option(0.0, "--busy-rate", help="Share of calls answered -1 'system busy' (0..1)."),
-    token_ttl: float = typer.Option(7200.0, "--token-ttl", help="Access token lifetime in seconds (then 42001)."),
+    port: Optional[int] = typer.Option(None, "--port", min=0, max=65535, help="Port on 127.0.0.1 (0 = pick a free one and print it; default 0)."),
+    latency_ms: Optional[float] = typer.Option(None, "--latency-ms", help="Added latency per call (default 0)."),
+    rate_limit: Optional[int] = typer.Option(None, "--rate-limit", help="Calls per second per API (0 = none, the default); beyond it 45009 until the window ends."),
+    rate_mode: Optional[str] = typer.Option(None, "--rate-mode", help="fixed (default): windows aligned to the clock (WeCom's block semantics); sliding: no window anywhere may exceed the limit."),
+    max_concurrency: Optional[int] = typer.Option(None, "--max-concurrency", help="Calls in flight per API (0 = none, the default); beyond it 45033."),
+    busy_rate: Optional[float] = typer.Option(None, "--busy-rate", help="Share of calls answered -1 'system busy' (0..1, default 0)."),
+    token_ttl: Optional[float] = typer.Option(None, "--token-ttl", help="Access token lifetime in seconds (then 42001; default 7200)."),
     staff: Optional[str] = typer.Option(None, "--staff", help="Comma-separated staff userids it knows (others get 60111)."),
     unknown_suffix: Optional[str] = typer.Option(None, "--unknown-suffix", help="Mobiles ending in these digits are unknown to the gateway (910001). Default 44."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the fault dice."),
-    sim_config: Optional[str] = typer.Option(None, "--sim-config", help="YAML file with simulator knobs (flags override)."),
+    sim_config: Optional[str] = typer.Option(None, "--sim-config", help="YAML file with simulator knobs; flags given on the command line override it."),
     write_config: Optional[str] = typer.Option(None, "--write-config", help="Write a wecomctl config pointing at this simulator to FILE."),
 ):
     """Run a local WeCom-compatible server (with the add-by-phone gateway) for trying wecomctl.
@@ -630,8 +644,11 @@ def simulate(
         sc = SimConfig.from_yaml(sim_config) if sim_config else SimConfig()
     except WecomctlError as exc:
         _fail(exc)
-    sc.port, sc.latency_ms, sc.rate_limit, sc.rate_mode = port, latency_ms, rate_limit, rate_mode
-    sc.max_concurrency, sc.busy_rate, sc.token_ttl_s, sc.seed = max_concurrency, busy_rate, token_ttl, seed
+    given = {"port": port, "latency_ms": latency_ms, "rate_limit": rate_limit, "rate_mode": rate_mode,
+             "max_concurrency": max_concurrency, "busy_rate": busy_rate, "token_ttl_s": token_ttl, "seed": seed}
+    for knob, value in given.items():
+        if value is not None:  # only what was given on the command line overrides the file
+            setattr(sc, knob, value)
     if staff:
         sc.staff = tuple(x.strip() for x in staff.split(",") if x.strip())
     if unknown_suffix is not None:
@@ -659,7 +676,7 @@ def simulate(
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_OK)
     except OSError as exc:
-        _fail(WecomctlError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}"))
+        _fail(WecomctlError(f"cannot listen on 127.0.0.1:{sc.port}: {exc.strerror or exc}"))
 
 
 @app.command()

@@ -6,6 +6,7 @@ never show the value, so a settings object can be logged or printed safely.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -249,8 +250,14 @@ def _merge(obj: Any, data: Any, where: str, source: str) -> Any:
         elif isinstance(current, (int, float)) and not isinstance(current, bool):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"{source}: `{path}` must be a number, not {value!r}")
+            if not math.isfinite(value):
+                raise ConfigError(f"{source}: `{path}` must be a finite number, not {value!r}")
             if value < 0:
                 raise ConfigError(f"{source}: `{path}` must not be negative")
+            if isinstance(current, int) and value != int(value):
+                raise ConfigError(f"{source}: `{path}` must be a whole number, not {value!r}")
+            if isinstance(current, int):
+                value = int(value)
             setattr(obj, key, type(current)(value) if isinstance(current, float) else value)
         elif isinstance(current, str):
             if not isinstance(value, str):
@@ -314,6 +321,16 @@ def load(path: str | None = None, data_dir: str | None = None, store: str | None
     return settings
 
 
+def _valid_url(url: str) -> bool:
+    import httpx
+
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError, TypeError):
+        return False
+    return parsed.scheme in ("http", "https") and bool(parsed.host)
+
+
 def _validate(s: Settings) -> None:
     valid = ("msg_template", "gateway", "welcome_code")
     for name, welcome in [("welcome", s.welcome)] + [
@@ -338,8 +355,10 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"{s.source}: `run.progress_interval_s` must be more than 0")
     if not 0 <= s.alerts.error_rate <= 1:
         raise ConfigError(f"{s.source}: `alerts.error_rate` is a share of calls, between 0 and 1")
-    if s.writeback.url and not s.writeback.url.startswith(("http://", "https://")):
-        raise ConfigError(f"{s.source}: `writeback.url` must start with http:// or https://")
+    for name, url in (("writeback.url", s.writeback.url), ("alerts.robot_url", s.alerts.robot_url),
+                      ("wecom.base_url", s.wecom.base_url), ("gateway.base_url", s.gateway.base_url)):
+        if url and not _valid_url(url):
+            raise ConfigError(f"{s.source}: `{name}` must be an http:// or https:// URL with a host, not {url!r}")
     for name, value in (("wecom.timeout_s", s.wecom.timeout_s), ("gateway.timeout_s", s.gateway.timeout_s),
                         ("writeback.timeout_s", s.writeback.timeout_s)):
         if not (0 < value < 3600):  # also refuses .nan

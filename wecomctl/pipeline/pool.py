@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,10 @@ from wecomctl.report.notify import check_and_notify
 
 POLL_S = 0.25
 ALERT_EVERY_S = 15.0
+# A running run says so this often (store copy refuses a store a run is working on, even
+# when every item it holds is waiting to retry and none is leased).
+HEARTBEAT_EVERY_S = 2.0
+HEARTBEAT_FRESH_S = 10.0
 MAX_RESTARTS = 10  # per worker slot and run: a worker that keeps dying is a bug to look at
 
 
@@ -111,12 +116,15 @@ def run(settings: Settings, workers: int, until_empty: bool = True,
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     start = time.time()
-    alerted = 0.0
+    alerted = beat = 0.0
     try:
         procs.extend(spawn(i) for i in range(workers))
         while any(p.is_alive() for p in procs):
             if on_tick:
                 on_tick(store.counts(), time.time() - start)
+            if time.time() - beat >= HEARTBEAT_EVERY_S:
+                beat = time.time()
+                store.set_flag("heartbeat", {"at": beat, "by": f"{socket.gethostname()}-{os.getpid()}"})
             if time.time() - alerted >= ALERT_EVERY_S:
                 alerted = time.time()
                 check_and_notify(store, settings)

@@ -219,6 +219,15 @@ class RateLimiter:
             intervals = [(seconds + guard) / count for count, seconds in windows]
         return self.backend.reserve(api, intervals, self.clock(), MAX_AHEAD_S)
 
+    def tolerance(self, api: str) -> float | None:
+        """How late after its slot a call may still start (the guard); None: no limit.
+        A call that could not start in time (its intent took long to record, the store
+        was down) must take a new slot, or calls held back would go out together."""
+        limit = self.limits.get(api)
+        if not limit or not limit.windows():
+            return None
+        return max(limit.guard_ms, 1.0) / 1000.0
+
     def acquire(self, api: str, should_stop: Callable[[], bool] = lambda: False) -> bool:
         """Block until this caller may start one call. False if should_stop() turned true."""
         while True:

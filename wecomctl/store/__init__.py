@@ -65,7 +65,11 @@ def open_store(location: str, *, max_attempts: int, max_deliveries: int, create:
                 raise StoreError(f"the store {redact_url(location)} is a Redis store, and the redis package "
                                  "is not installed: pip install 'wecomctl[redis]'") from None
             raise
-        url, namespace = _namespace(location)
+        try:
+            url, namespace = _namespace(location)
+        except ValueError as exc:
+            raise StoreError(f"cannot use the store URL {redact_url(location)}: {exc} "
+                             "(expected redis://[user[:password]@]host[:port]/db)") from None
         extra = {"writeback": writeback} if writeback else {}
         return RedisStore(url, namespace=namespace or "wecomctl", max_attempts=max_attempts,
                           max_deliveries=max_deliveries, create=create, **extra)
