@@ -63,19 +63,22 @@ def test_worker_killed_at_a_crash_point(tmp_path, point, provider):
 
 
 def test_import_killed_mid_way_then_run_again_gives_the_same_queue(tmp_path):
+    from wecomctl.ingest.importer import BATCH
+
     leads = tmp_path / "l.csv"
-    make_leads(leads, n_valid=2500, n_invalid=0, n_unknown=0, n_dupes=0)
+    total = BATCH * 2 + BATCH // 2
+    make_leads(leads, n_valid=total, n_invalid=0, n_unknown=0, n_dupes=0)
     args = ["import", str(leads), "--campaign", "k", "--data-dir"]
     killed = cli(*args, str(tmp_path / "a"), check=False, env={"WECOMCTL_CRASH_AT": "import.after_batch"})
     assert killed.returncode == -signal.SIGKILL
     partial = DiskStore(str(tmp_path / "a"))
-    assert partial.counts()["k"]["imported"] == 1000  # one batch committed, nothing half-written
+    assert partial.counts()["k"]["imported"] == BATCH  # one batch committed, nothing half-written
     partial.close()
     cli(*args, str(tmp_path / "a"))
     cli(*args, str(tmp_path / "b"))  # an uninterrupted import
     a, b = DiskStore(str(tmp_path / "a")), DiskStore(str(tmp_path / "b"))
     key = lambda s: [(x["id"], x["phone"], x["owner"], x["add"]["state"]) for x in s.leads()]  # noqa: E731
-    assert key(a) == key(b) and len(key(a)) == 2500
+    assert key(a) == key(b) and len(key(a)) == total
     assert a.check() == [] and a.counts()["k"]["stages"] == b.counts()["k"]["stages"]
     a.close(), b.close()
 

