@@ -68,9 +68,9 @@ def test_case(name):
 
 
 def test_cases_copied_byte_for_byte():
-    shared = Path("/work/shared/cases/import")
+    shared = Path(__file__).resolve().parents[2] / "shared" / "cases" / "import"
     if not shared.is_dir():
-        pytest.skip("shared cases not mounted")
+        pytest.skip("the shared cases are not beside this checkout")
     for src in shared.iterdir():
         assert (CASES / src.name).read_bytes() == src.read_bytes(), src.name
 
