@@ -158,10 +158,10 @@ def test_a_call_that_missed_its_slot_takes_a_new_one():
 
         def acquire(self, api, should_stop=None):
             self.acquired += 1
-            return True
+            return _time.time()
 
-        def tolerance(self, api):
-            return 0.02
+        def late(self, api, slot):
+            return _time.time() - slot > 0.02
 
     respx.post(f"{BASE}/x").respond(json={"errcode": 0})
     limiter = CountingLimit()

@@ -110,7 +110,7 @@ def test_pause_holds_every_caller_until_the_block_ends(make, new_backend, clock)
 def test_acquire_gives_up_when_told_to_stop(make, clock):
     lim = make(per_second=10)
     lim.pause("api", clock() + 3600)
-    assert lim.acquire("api", should_stop=lambda: True) is False
+    assert not lim.acquire("api", should_stop=lambda: True)
 
 
 def _hammer(spec, n, out):

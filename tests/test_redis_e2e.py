@@ -104,8 +104,10 @@ def test_a_run_rides_out_a_redis_restart(tmp_path):
             make_leads(leads, n_valid=150, n_invalid=0, n_unknown=0, n_dupes=0)
             cli("import", str(leads), "--campaign", "rs", "--config", str(conf), "--data-dir", str(tmp_path / "d"),
                 "--store", store)
+            log = tmp_path / "run.log"
             run = subprocess.Popen([sys.executable, "-m", "wecomctl", "run", "--config", str(conf), "--data-dir",
-                                    str(tmp_path / "d"), "--store", store, "--workers", "2", "--json"],
+                                    str(tmp_path / "d"), "--store", store, "--workers", "2", "--json",
+                                    "--log-file", str(log)],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             deadline = time.time() + 60
             while handle.stats()["welcomes"] < 30 and time.time() < deadline:
@@ -117,7 +119,9 @@ def test_a_run_rides_out_a_redis_restart(tmp_path):
             out, errs = run.communicate(timeout=240)
             stats = handle.stats()
         assert run.returncode == 0, errs
-        assert "unreachable" in errs and "is back" in errs  # told the operator while it was down
+        # told the operator while it was down: on the terminal, though logs go to a file
+        assert "unreachable" in errs and "is back" in errs
+        assert "unreachable" in log.read_text(encoding="utf-8")
         assert stats["welcomes"] == 150 and stats["duplicate_welcomes"] == 0
         # calls held back while Redis was down took new slots instead of going out together
         assert not any("45009" in errs for errs in stats["errors"].values()), stats["errors"]

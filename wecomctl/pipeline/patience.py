@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from wecomctl.errors import Unavailable
 
@@ -25,7 +25,9 @@ MAX_WAIT_S = 10.0
 
 
 class Patient:
-    def __init__(self, target: Any, stop: threading.Event | None, what: str):
+    def __init__(self, target: Any, stop: threading.Event | None, what: str,
+                 notice: Callable[[str], None] | None = None):
+        self._notice = notice  # also tell a person (the terminal), when logs go to a file
         self._target = target
         self._stop = stop or threading.Event()
         self._what = what
@@ -48,8 +50,11 @@ class Patient:
                     with self._lock:
                         first, self._down = not self._down, True
                     if first:
-                        log.warning("%s is unreachable: %s; waiting for it (items in hand are kept, "
-                                    "nothing is lost)", self._what, exc)
+                        text = (f"{self._what} is unreachable: {exc}; waiting for it (items in hand are kept, "
+                                "nothing is lost)")
+                        log.warning("%s", text)
+                        if self._notice:
+                            self._notice(text)
                     self._stop.wait(wait)
                     wait = min(wait * 2, MAX_WAIT_S)
                     continue
@@ -58,6 +63,8 @@ class Patient:
                         back, self._down = self._down, False
                     if back:
                         log.warning("%s is back; carrying on", self._what)
+                        if self._notice:
+                            self._notice(f"{self._what} is back; carrying on")
                 return result
 
         return call

@@ -12,6 +12,7 @@ import multiprocessing as mp
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -73,7 +74,12 @@ def preflight(ctx) -> None:
 def run(settings: Settings, workers: int, until_empty: bool = True,
         on_tick: Callable[[dict, float], None] | None = None, log_spec: dict | None = None) -> RunResult:
     stopping = threading.Event()  # set by a signal: stop waiting for an unreachable store
-    store = Patient(open_store(settings, create=False), stopping, "the store")
+    notice = None
+    if log_spec and log_spec.get("file"):
+        # Logs go to a file: the person at the terminal must still see why progress stopped.
+        def notice(text: str) -> None:
+            print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+    store = Patient(open_store(settings, create=False), stopping, "the store", notice)
     # Build the clients once here so a missing secret or URL, a bad secret or an API that
     # cannot be reached fails before any process starts and before any item is touched.
     try:

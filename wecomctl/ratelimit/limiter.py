@@ -219,28 +219,30 @@ class RateLimiter:
             intervals = [(seconds + guard) / count for count, seconds in windows]
         return self.backend.reserve(api, intervals, self.clock(), MAX_AHEAD_S)
 
-    def tolerance(self, api: str) -> float | None:
-        """How late after its slot a call may still start (the guard); None: no limit.
+    def late(self, api: str, slot: float) -> bool:
+        """Is it too late to start a call in `slot` (later than the guard after it)?
         A call that could not start in time (its intent took long to record, the store
-        was down) must take a new slot, or calls held back would go out together."""
+        was down, the thread woke late) must take a new slot, or calls held back would go
+        out together and overrun the window."""
         limit = self.limits.get(api)
         if not limit or not limit.windows():
-            return None
-        return max(limit.guard_ms, 1.0) / 1000.0
+            return False
+        return self.clock() - slot > max(limit.guard_ms, 1.0) / 1000.0
 
-    def acquire(self, api: str, should_stop: Callable[[], bool] = lambda: False) -> bool:
-        """Block until this caller may start one call. False if should_stop() turned true."""
+    def acquire(self, api: str, should_stop: Callable[[], bool] = lambda: False) -> float:
+        """Block until this caller may start one call; returns its slot's time (truthy).
+        0.0 if should_stop() turned true."""
         while True:
             slot = self.reserve(api)
             wait = slot - self.clock()
             if wait <= MAX_AHEAD_S:
                 if wait > 0:
                     self.sleep(wait)
-                return True
+                return max(slot, 1e-9)
             # Not reserved: sleep in short steps so a shutdown is noticed.
             self.sleep(min(1.0, wait - MAX_AHEAD_S))
             if should_stop():
-                return False
+                return 0.0
 
     def pause(self, api: str, until: float) -> None:
         """Stop every process from calling `api` until `until` (after a 45009 block)."""

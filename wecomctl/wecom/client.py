@@ -9,7 +9,6 @@ Secrets and tokens are scrubbed from every message that leaves this module.
 from __future__ import annotations
 
 import json
-import time
 from typing import Any, Callable
 
 import httpx
@@ -47,9 +46,9 @@ class HttpApi:
 
     def send(self, api: str, method: str, url: str, *, params: dict | None = None,
              body: Any = None, headers: dict | None = None, on_send: Callable[[], bool] | None = None) -> dict:
-        if not self.limiter.acquire(api, self.should_stop):
+        slot = self.limiter.acquire(api, self.should_stop)
+        if not slot:
             raise NetworkError(api, "stopped while waiting for the rate limit")
-        slot_at = time.monotonic()
         # The last moment before the request leaves: the caller records its intent here,
         # so time spent waiting for a rate slot never makes a call look interrupted.
         if on_send is not None and not on_send():
@@ -59,16 +58,16 @@ class HttpApi:
         if body is not None:
             content = json.dumps(body, ensure_ascii=False).encode("utf-8")
             hdrs["Content-Type"] = "application/json; charset=utf-8"
-        tolerance = getattr(self.limiter, "tolerance", lambda _api: None)(api)
+        late = getattr(self.limiter, "late", lambda _api, _slot: False)
         try:
             with self.limiter.hold(api, self.should_stop):
                 # Too late for the slot taken (the intent or a concurrency slot took long,
-                # or the store was down meanwhile): take a new one, or the calls held back
-                # would all go out together and overrun the window.
-                while tolerance is not None and time.monotonic() - slot_at > tolerance:
-                    if not self.limiter.acquire(api, self.should_stop):
+                # the store was down, the thread woke late): take a new one, or the calls
+                # held back would all go out together and overrun the window.
+                while late(api, slot):
+                    slot = self.limiter.acquire(api, self.should_stop)
+                    if not slot:
                         raise NetworkError(api, "stopped while waiting for the rate limit")
-                    slot_at = time.monotonic()
                 resp = self.http.request(method, url, params=params, content=content, headers=hdrs)
         except SlotWaitStopped:
             raise NetworkError(api, "stopped while waiting for a concurrency slot") from None
