@@ -153,12 +153,15 @@ def _why_not_mobile(number: phonenumbers.PhoneNumber) -> str:
 
 # The shape nearly every cell of a real list has: a mainland mobile, maybe after +86 / 0086 /
 # 86, maybe grouped 3-4-4 by spaces or dashes. Anything else takes the full path.
-_PLAIN_CN = re.compile(r"(?:(?:\+|00)?86[ -]?)?(1\d\d)[ -]?(\d{4})[ -]?(\d{4})")
+_PLAIN_CN = re.compile(r"(?:(?:\+|00)?86[ -]?)?(1\d\d)[ -]?(\d{4})[ -]?(\d{4})", re.ASCII)  # ASCII digits only
 # Whether an 11-digit mainland number starting with 1 is a valid mobile depends only on
 # its first 7 digits (the 号段 block numbers are allocated in): phonenumbers' CN patterns
 # fix at most 6 leading digits of such numbers and leave the rest free. So each block is
 # validated once by phonenumbers; tests check this memo against phonenumbers directly.
-_BLOCK_IS_MOBILE: dict[str, bool] = {}
+# One byte per block 1000000..1999999 (1 MB, flat however many numbers are imported):
+# 0 not yet known, 1 a mobile block, 2 not.
+_UNKNOWN, _MOBILE, _NOT_MOBILE = 0, 1, 2
+_BLOCK_IS_MOBILE = bytearray(1_000_000)
 
 
 def _fast_cn(raw: str) -> str | None:
@@ -167,14 +170,14 @@ def _fast_cn(raw: str) -> str | None:
     if match is None:
         return None
     nsn = "".join(match.groups())
-    block = nsn[:7]
-    ok = _BLOCK_IS_MOBILE.get(block)
-    if ok is None:
+    block = int(nsn[:7]) - 1_000_000
+    known = _BLOCK_IS_MOBILE[block]
+    if known == _UNKNOWN:
         # number_type is UNKNOWN for an invalid number, so one call answers both questions
         number = phonenumbers.PhoneNumber(country_code=86, national_number=int(nsn))
-        ok = phonenumbers.number_type(number) in _MOBILE_TYPES
-        _BLOCK_IS_MOBILE[block] = ok
-    return "+86" + nsn if ok else None
+        known = _MOBILE if phonenumbers.number_type(number) in _MOBILE_TYPES else _NOT_MOBILE
+        _BLOCK_IS_MOBILE[block] = known
+    return "+86" + nsn if known == _MOBILE else None
 
 
 def normalise_mobile(raw: str, default_region: str = "CN") -> str:
