@@ -89,14 +89,12 @@ class Cells(list):
 
 def rows(path: str, lines: Iterable[str], delimiter: str) -> Iterator[Cells]:
     """Parsed rows of the whole file, the "sep=" line dropped, NUL bytes removed."""
-    nul_lines: set[int] = set()
-    count = [0]
+    nul_lines: list[int] = []  # physical lines NULs were removed from, not yet passed
 
     def clean(source: Iterable[str]) -> Iterator[str]:
-        for line in source:
-            count[0] += 1
+        for n, line in enumerate(source, 1):
             if "\x00" in line:
-                nul_lines.add(count[0])
+                nul_lines.append(n)
                 line = line.replace("\x00", "")
             yield line
 
@@ -111,10 +109,12 @@ def rows(path: str, lines: Iterable[str], delimiter: str) -> Iterator[Cells]:
         last = skipped
         for record in reader:
             cells = Cells(record)
-            cells.first_line, cells.last_line = last + 1, skipped + reader.line_num
-            cells.had_nul = any(cells.first_line <= n <= cells.last_line for n in nul_lines)
-            nul_lines = {n for n in nul_lines if n > cells.last_line}
-            last = cells.last_line
+            end = skipped + reader.line_num
+            cells.first_line, cells.last_line = last + 1, end
+            if nul_lines:  # rare: only a damaged export pays for this
+                cells.had_nul = any(n <= end for n in nul_lines)
+                nul_lines[:] = [n for n in nul_lines if n > end]
+            last = end
             yield cells
     except csv.Error as exc:
         raise InputError(f"{path}: line {reader.line_num}: {exc}; look for an unmatched double quote "

@@ -201,6 +201,7 @@ class LeadFile:
 
     def _table_leads(self) -> Iterator[Lead | Reject | Blank]:
         rows = self._table_rows()
+        headers, width = self.headers, len(self.headers)
         try:
             header_seen = self.headerless
             n = 0
@@ -209,17 +210,19 @@ class LeadFile:
                     header_seen = not csvfile.is_blank(cells)  # blank rows above the header
                     continue
                 n += 1
-                runaway = _runaway(cells)
-                if runaway:
-                    yield Reject(self.path, n, runaway[0], runaway[1])
-                    continue
+                if getattr(cells, "last_line", 0) > getattr(cells, "first_line", 0):
+                    runaway = _runaway(cells)  # a record over several lines: a runaway quote?
+                    if runaway:
+                        yield Reject(self.path, n, runaway[0], runaway[1])
+                        continue
                 if getattr(cells, "had_nul", False):
                     self.nul_rows += 1
-                record = dict(zip(self.headers, cells))
-                for header in self.headers[len(cells):]:
-                    record[header] = ""  # a short row: Excel drops trailing empty cells
-                for i, extra in enumerate(cells[len(self.headers):], 1):
-                    record[f"_extra_{i}"] = extra  # more cells than headers: kept, not lost
+                record = dict(zip(headers, cells))
+                if len(cells) != width:
+                    for header in headers[len(cells):]:
+                        record[header] = ""  # a short row: Excel drops trailing empty cells
+                    for i, extra in enumerate(cells[width:], 1):
+                        record[f"_extra_{i}"] = extra  # more cells than headers: kept, not lost
                 yield self._build(n, record, self.columns)
         finally:
             rows.close()
@@ -261,11 +264,22 @@ class LeadFile:
             records.close()
 
     def _build(self, n: int, record: dict[str, str], columns: dict) -> Lead | Reject | Blank:
-        fields = {k: clean_cell(v) for k, v in record.items()}
-        if not any(fields.values()):
-            return Blank(self.path, n)
-        raw = record.get(columns["phone"], "").replace("\x00", "")
-        if any("\ufffd" in v for v in fields.values()):
+        joined = "".join(record.values())
+        if joined.isprintable():
+            # The common row: no control, invisible or non-ASCII space character anywhere
+            # (str.isprintable is False for all of them), so cleaning a cell is a strip.
+            if not joined.strip():
+                return Blank(self.path, n)
+            fields = {k: v.strip() for k, v in record.items()}
+            undecodable = "\ufffd" in joined
+            raw = record.get(columns["phone"], "")
+        else:
+            fields = {k: clean_cell(v) for k, v in record.items()}
+            if not any(fields.values()):
+                return Blank(self.path, n)
+            undecodable = any("\ufffd" in v for v in fields.values())
+            raw = record.get(columns["phone"], "").replace("\x00", "")
+        if undecodable:
             return Reject(self.path, n, raw, f"undecodable text: this row has bytes that are not {self.encoding}; "
                                              "re-save the file as CSV UTF-8 or pass --encoding")
         try:
@@ -285,11 +299,10 @@ _SWALLOWED = re.compile(r"\n[^\n]*(?<!\d)1[3-9](?:[ \-()]*\d){9}(?!\d)")
 
 
 def _runaway(cells) -> tuple[str, str] | None:
-    """A record that swallowed whole lead rows: an unmatched quote opened a cell that runs
-    on over later lines holding their own mobile numbers. (raw, reason) or None."""
-    first, last = getattr(cells, "first_line", 0), getattr(cells, "last_line", 0)
-    if last <= first:
-        return None
+    """A record over several lines that swallowed whole lead rows: an unmatched quote
+    opened a cell that runs on over later lines holding their own mobile numbers.
+    (raw, reason) or None."""
+    first, last = cells.first_line, cells.last_line
     for cell in cells:
         if "\n" in cell and _SWALLOWED.search(cell):
             raw = cell.split("\n", 1)[0][:60]
