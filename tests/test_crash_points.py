@@ -62,15 +62,36 @@ def test_worker_killed_at_a_crash_point(tmp_path, point, provider):
         assert statuses.count("already_sent") == 1  # the one whose outcome the kill lost
 
 
+def _processes_with_env(marker: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                if marker.encode() in fh.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
 def test_import_killed_mid_way_then_run_again_gives_the_same_queue(tmp_path):
-    from wecomctl.ingest.importer import BATCH
+    import time
+
+    from wecomctl.ingest.importer import BATCH, CHILD_READER_BYTES
 
     leads = tmp_path / "l.csv"
-    total = BATCH * 2 + BATCH // 2
+    total = BATCH * 3 + BATCH // 2
     make_leads(leads, n_valid=total, n_invalid=0, n_unknown=0, n_dupes=0)
+    assert leads.stat().st_size >= CHILD_READER_BYTES  # so the file is read in a child process
     args = ["import", str(leads), "--campaign", "k", "--data-dir"]
-    killed = cli(*args, str(tmp_path / "a"), check=False, env={"WECOMCTL_CRASH_AT": "import.after_batch"})
+    marker = f"WECOMCTL_TEST_RUN={os.getpid()}-{time.monotonic_ns()}"
+    killed = cli(*args, str(tmp_path / "a"), check=False,
+                 env={"WECOMCTL_CRASH_AT": "import.after_batch", marker.split("=")[0]: marker.split("=")[1]})
     assert killed.returncode == -signal.SIGKILL
+    deadline = time.monotonic() + 10
+    while _processes_with_env(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _processes_with_env(marker) == []  # the reader child does not outlive a killed import
     partial = DiskStore(str(tmp_path / "a"))
     assert partial.counts()["k"]["imported"] == BATCH  # one batch committed, nothing half-written
     partial.close()

@@ -8,14 +8,16 @@ again after an interruption, enqueues nothing twice.
 from __future__ import annotations
 
 import csv
+import multiprocessing
 import os
-import queue
-import threading
+import signal
 import time
+import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wecomctl.errors import InputError
+from wecomctl.errors import InputError, WecomctlError
 from wecomctl.faults import crash_point
 from wecomctl.ingest.model import Blank, Lead, Reject
 from wecomctl.ingest.readers import ReadOptions, open_lead_file
@@ -26,6 +28,9 @@ from wecomctl.store.base import NewLead
 # for many leads: at 1M rows, 10,000 per batch took the store's share from 58 s to 40 s.
 BATCH = 10_000
 PROGRESS_EVERY = 2000
+# Files this big (in all) are read in a child process (see Reading); below it, starting
+# one costs more than it saves.
+CHILD_READER_BYTES = 1 << 20
 
 
 @dataclass
@@ -72,7 +77,7 @@ class Importer:
     def __init__(self, store, campaign: str, owner: str | None = None, staff: list[str] | None = None,
                  options: ReadOptions | None = None, rejects_dir: str | None = None,
                  dry_run: bool = False, template: str | None = None, clock=time.time,
-                 on_progress=None, data_dir: str | None = None):
+                 on_progress=None, data_dir: str | None = None, reader_process: bool | None = None):
         if not campaign or not campaign.strip():
             raise InputError("--campaign is required and must not be empty (for example --campaign spring-sale)")
         self.store = store
@@ -87,11 +92,10 @@ class Importer:
         self.template = template
         self.clock = clock
         self.on_progress = on_progress  # (file, rows read so far), every PROGRESS_EVERY rows
+        # None: read in a child process when the files are big enough to gain from it
+        self.reader_process = reader_process
         if owner and self.staff and owner not in self.staff:
             raise InputError(f"--owner {owner} is not in `staff:` of the config ({', '.join(self.staff)})")
-        # Round-robin by the lead's position in this import, not by a running cycle, so a
-        # re-run after an interruption assigns every lead the same owner as before.
-        self._position = 0
         self._seen: dict[str, tuple[str, int]] = {}  # dry run: phone -> (file, row)
 
     def _check_file(self, lf) -> None:
@@ -109,18 +113,6 @@ class Importer:
                 raise InputError(f"{lf.path}: the welcome text uses {{{missing[0]}}} but the file has no such column "
                                  f"(columns: {', '.join(lf.headers)}); add the column or change welcome.text")
 
-    def _owner_for(self, lead: Lead) -> tuple[str | None, str | None]:
-        """(owner, reject reason)."""
-        self._position += 1
-        owner = lead.owner or self.owner
-        if owner is None and self.staff:
-            owner = self.staff[(self._position - 1) % len(self.staff)]
-        if owner is None:
-            return None, "no owner: the file has no owner column; pass --owner USERID or set `staff:` in the config"
-        if self.staff and owner not in self.staff:
-            return None, f"unknown owner: {owner} is not in `staff:` of the config (left the company? fix the owner column)"
-        return owner, None
-
     def run(self, paths: list[str]) -> ImportReport:
         # Open every file first: a file refused as a whole stops the import before
         # anything is enqueued.
@@ -128,63 +120,41 @@ class Importer:
         for lf in files:
             self._check_file(lf)
         report = ImportReport(self.campaign, dry_run=self.dry_run)
+        report.files = [FileReport(lf.path, lf.format, lf.encoding, lf.delimiter) for lf in files]
         # Written as they happen, not kept: memory stays flat however many rows are bad.
-        self._rejects = _ReportFile(self._report_path("rejects"), ["file", "row", "raw", "reason"])
         self._dupes = _ReportFile(self._report_path("duplicates"),
                                   ["file", "row", "raw", "phone", "matches_file", "matches_row"])
+        reading = Reading(files, self.owner, self.staff, self._report_path("rejects"), BATCH)
+        in_child = self.reader_process
+        if in_child is None:
+            in_child = not self.dry_run and sum(_size(p) for p in paths) >= CHILD_READER_BYTES
         try:
-            self._import(files, report)
+            for event in (reading.in_child() if in_child else reading.events()):
+                kind = event[0]
+                if kind == "leads":
+                    self._flush([NewLead(*t) for t in event[2]], report.files[event[1]])
+                elif kind == "progress":
+                    if self.on_progress is not None:
+                        self.on_progress(event[1], event[2])
+                else:  # "end": what only the reading half knows
+                    _, per_file, reasons, report.rejects_file = event
+                    for fr, (rejected, blank, nul_rows) in zip(report.files, per_file):
+                        fr.rejected, fr.blank, fr.nul_rows = rejected, blank, nul_rows
+                    report.reasons = reasons
         finally:
-            report.rejects_file = self._rejects.close()
             report.duplicates_file = self._dupes.close()
-        return report
-
-    def _reject(self, r: Reject, fr: FileReport, report: ImportReport) -> None:
-        fr.rejected += 1
-        key = _reason_class(r.reason)
-        report.reasons[key] = report.reasons.get(key, 0) + 1
-        self._rejects.write([r.source, r.row, r.raw, r.reason])
-
-    def _duplicate(self, nl: NewLead, matched_file, matched_row) -> None:
-        self._dupes.write([nl.source, nl.row, nl.raw, nl.phone, matched_file, matched_row])
-
-    def _import(self, files, report: ImportReport) -> None:
-        writer = _BatchWriter(self._flush, threaded=not self.dry_run)
-        try:
-            for lf in files:
-                fr = FileReport(lf.path, lf.format, lf.encoding, lf.delimiter)
-                report.files.append(fr)
-                batch: list[NewLead] = []
-                for n, row in enumerate(lf.rows(), 1):
-                    if self.on_progress is not None and n % PROGRESS_EVERY == 0:
-                        self.on_progress(lf.path, n)
-                    if isinstance(row, Blank):
-                        fr.blank += 1
-                    elif isinstance(row, Reject):
-                        self._reject(row, fr, report)
-                    else:
-                        owner, why = self._owner_for(row)
-                        if why:
-                            self._reject(Reject(row.source, row.row, row.raw, why), fr, report)
-                            continue
-                        batch.append(NewLead(row.phone, row.name, owner, dict(row.fields), row.source, row.row, row.raw))
-                        if len(batch) >= BATCH:
-                            writer.submit(batch, fr)
-                            batch = []
-                writer.submit(batch, fr)
-                fr.nul_rows = getattr(lf, "nul_rows", 0)
-        finally:
-            writer.close()  # every batch handed over is written (or the first error raised)
         for fr in report.files:
             report.accepted += fr.accepted
             report.rejected += fr.rejected
             report.skipped += fr.skipped
             report.blank += fr.blank
             report.revived += fr.revived
+        return report
+
+    def _duplicate(self, nl: NewLead, matched_file, matched_row) -> None:
+        self._dupes.write([nl.source, nl.row, nl.raw, nl.phone, matched_file, matched_row])
 
     def _flush(self, batch: list[NewLead], fr: FileReport) -> None:
-        if not batch:
-            return
         if self.dry_run:
             for nl in batch:
                 earlier = self.store.find_phone(self.campaign, nl.phone) if self.store else None
@@ -218,48 +188,132 @@ class Importer:
         return Path(self.rejects_dir) / f"{kind}-{safe}-{stamp}.csv"
 
 
-class _BatchWriter:
-    """Writes batches in order on one thread while the caller reads and checks the next
-    rows. SQLite does its part of a write (index inserts, the commit) without holding the
-    GIL, so reading and writing overlap. Each batch is still one transaction, in file
-    order, so an interrupted import re-run ends with the same queue."""
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
-    def __init__(self, write, threaded: bool = True):
-        self._write, self._threaded = write, threaded
-        self._error: BaseException | None = None
-        if threaded:
-            self._queue: queue.Queue = queue.Queue(maxsize=2)
-            self._thread = threading.Thread(target=self._run, name="import-writer", daemon=True)
-            self._thread.start()
 
-    def submit(self, batch, fr) -> None:
-        if not self._threaded:
-            self._write(batch, fr)
-            return
-        self._raise()
-        self._queue.put((batch, fr))
+class Reading:
+    """The reading half of an import: every row read and checked, owners assigned,
+    rejects written, accepted leads handed on in batches of BATCH.
 
-    def close(self) -> None:
-        if self._threaded:
-            self._queue.put(None)
-            self._thread.join()
-            self._raise()
+    It runs in the importing process, or for big imports in a child process: reading
+    and checking a row costs about as much as storing it, so on two cores the child
+    reads the next batch while the parent commits the last. Batches still reach the
+    store one transaction each, in file order, so an interrupted import run again ends
+    with the same queue either way.
 
-    def _raise(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+    events() yields ("leads", file_index, [NewLead fields as tuples]),
+    ("progress", path, rows read) and, last, ("end", [(rejected, blank, nul_rows) per
+    file], rejected by reason, rejects file or None).
+    """
 
-    def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            if self._error is None:
+    def __init__(self, files: list, owner: str | None, staff: list[str], rejects_path: Path | None,
+                 batch: int = BATCH):
+        self.files, self.owner, self.staff, self.rejects_path = files, owner, staff, rejects_path
+        self.batch = batch  # carried to a child process, which imports this module afresh
+
+    def events(self) -> Iterator[tuple]:
+        rejects = _ReportFile(self.rejects_path, ["file", "row", "raw", "reason"])
+        reasons: dict[str, int] = {}
+        per_file = []
+        # Round-robin by the lead's position in this import, not by a running cycle, so a
+        # re-run after an interruption assigns every lead the same owner as before.
+        position = 0
+        try:
+            for index, lf in enumerate(self.files):
+                rejected = blank = 0
+                batch: list[tuple] = []
+                for n, row in enumerate(lf.rows(), 1):
+                    if n % PROGRESS_EVERY == 0:
+                        yield ("progress", lf.path, n)
+                    if type(row) is Lead:
+                        position += 1
+                        owner, why = self._owner_for(row, position)
+                        if why is None:
+                            batch.append((row.phone, row.name, owner, row.fields, row.source, row.row, row.raw))
+                            if len(batch) >= self.batch:
+                                yield ("leads", index, batch)
+                                batch = []
+                            continue
+                        row = Reject(row.source, row.row, row.raw, why)
+                    if type(row) is Blank:
+                        blank += 1
+                    else:
+                        rejected += 1
+                        key = _reason_class(row.reason)
+                        reasons[key] = reasons.get(key, 0) + 1
+                        rejects.write([row.source, row.row, row.raw, row.reason])
+                if batch:
+                    yield ("leads", index, batch)
+                per_file.append((rejected, blank, lf.nul_rows))
+        finally:
+            rejects_file = rejects.close()  # an interrupted import keeps what it found so far
+        yield ("end", per_file, reasons, rejects_file)
+
+    def _owner_for(self, lead: Lead, position: int) -> tuple[str | None, str | None]:
+        """(owner, reject reason)."""
+        owner = lead.owner or self.owner
+        if owner is None and self.staff:
+            owner = self.staff[(position - 1) % len(self.staff)]
+        if owner is None:
+            return None, "no owner: the file has no owner column; pass --owner USERID or set `staff:` in the config"
+        if self.staff and owner not in self.staff:
+            return None, f"unknown owner: {owner} is not in `staff:` of the config (left the company? fix the owner column)"
+        return owner, None
+
+    def in_child(self) -> Iterator[tuple]:
+        """events(), produced by a child process and received over a pipe."""
+        ctx = multiprocessing.get_context("spawn")
+        receive, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_reader_main, args=(self, send), name="wecomctl-import-reader", daemon=True)
+        proc.start()
+        send.close()  # the child holds the only writing end: its exit ends the pipe
+        try:
+            while True:
                 try:
-                    self._write(*job)
-                except BaseException as exc:  # noqa: BLE001 - handed to the reading thread
-                    self._error = exc
+                    event = receive.recv()
+                except EOFError:
+                    raise InputError("the process reading the lead files stopped unexpectedly (killed, or out of "
+                                     "memory?); the batches stored so far stay queued: run the same import again "
+                                     "to finish") from None
+                if event[0] == "error":
+                    raise event[1]
+                yield event
+                if event[0] == "end":
+                    return
+        finally:
+            receive.close()  # a child still sending gets EPIPE and exits
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+
+def _reader_main(reading: Reading, send) -> None:
+    # Ctrl-C is the parent's to handle: it stops reading by closing the pipe.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        for event in reading.events():
+            send.send(event)
+    except (BrokenPipeError, ConnectionResetError):
+        return  # the parent stopped (an error, Ctrl-C, killed): nothing more to hand over
+    except WecomctlError as exc:
+        _send_quietly(send, ("error", exc))
+    except BaseException as exc:  # noqa: BLE001 - a bug: the parent shows it
+        trace = "".join(traceback.format_exception(exc))
+        _send_quietly(send, ("error", WecomctlError(f"reading the lead files failed unexpectedly:\n{trace}")))
+    finally:
+        send.close()
+
+
+def _send_quietly(send, event) -> None:
+    try:
+        send.send(event)
+    except OSError:
+        pass
 
 
 class _ReportFile:

@@ -1,0 +1,139 @@
+"""Big imports read their files in a child process: the same results as reading in the
+importing process, and a clear error when the child dies or a file breaks mid-way."""
+
+import json
+import multiprocessing
+import os
+import random
+
+import pytest
+
+from wecomctl.errors import InputError
+from wecomctl.ingest import importer as importer_mod
+from wecomctl.ingest.importer import Importer
+from wecomctl.store.disk import DiskStore
+
+
+def messy_csv(path, rows, seed=3):
+    """Valid, invalid, duplicate (written differently), blank and owner-less rows."""
+    rng = random.Random(seed)
+    seen = []
+    with open(path, "w", encoding="gb18030", newline="") as fh:
+        fh.write("手机号码,客户姓名,跟进人,城市\r\n")
+        for i in range(rows):
+            roll = rng.random()
+            owner = rng.choice(["zhangsan", "lisi", "ghost", ""])
+            if roll < 0.03:
+                phone = rng.choice(["12345", "1.38001E+10", "138OO138000", ""])
+            elif roll < 0.06:
+                fh.write(",,,\r\n")
+                continue
+            elif roll < 0.12 and seen:
+                n = rng.choice(seen)
+                phone = f"+86 {n[:3]}-{n[3:7]}-{n[7:]}"
+            else:
+                phone = f"13{rng.randrange(10**9):09d}"
+                seen.append(phone)
+            fh.write(f"{phone},客户{i},{owner},北京\r\n")
+    return str(path)
+
+
+def outcome(report, store):
+    files = [(f.accepted, f.rejected, f.skipped, f.blank, f.revived, f.nul_rows) for f in report.files]
+    leads = [(x["id"], x["phone"], x["name"], x["owner"], x["source"], x["row"]) for x in store.leads()]
+    with open(report.rejects_file, encoding="utf-8") as fh:
+        rejects = fh.read()
+    with open(report.duplicates_file, encoding="utf-8") as fh:
+        dupes = fh.read()
+    return files, dict(report.reasons), leads, rejects, dupes
+
+
+def run(tmp_path, name, paths, reader_process, staff=("zhangsan", "lisi")):
+    store = DiskStore(str(tmp_path / name))
+    try:
+        report = Importer(store, "c", staff=list(staff), rejects_dir=str(tmp_path / name / "reports"),
+                          reader_process=reader_process).run(paths)
+        return outcome(report, store)
+    finally:
+        store.close()
+
+
+def test_the_child_reader_gives_the_same_queue_and_reports_as_reading_in_process(tmp_path, monkeypatch):
+    monkeypatch.setattr(importer_mod, "BATCH", 700)  # several batches, one cut mid-file
+    a = messy_csv(tmp_path / "a.csv", 3000)
+    b = messy_csv(tmp_path / "b.csv", 1500, seed=4)  # and duplicates across files
+    here = run(tmp_path, "here", [a, b], reader_process=False)
+    child = run(tmp_path, "child", [a, b], reader_process=True)
+    assert child == here
+    files, reasons, leads, _, dupes = here
+    assert len(leads) > 2500 and sum(f[1] for f in files) > 100 and sum(f[3] for f in files) > 50
+    assert "unknown owner" in reasons and dupes.count("\n") > 100
+
+
+def test_big_imports_choose_the_child_reader_and_dry_runs_do_not(tmp_path, monkeypatch):
+    chosen = []
+    real = importer_mod.Reading.in_child
+
+    def spy(self):
+        chosen.append(True)
+        return real(self)
+
+    monkeypatch.setattr(importer_mod.Reading, "in_child", spy)
+    monkeypatch.setattr(importer_mod, "CHILD_READER_BYTES", 10_000)
+    small = messy_csv(tmp_path / "small.csv", 50)
+    big = messy_csv(tmp_path / "big.csv", 1000)
+    assert os.path.getsize(small) < 10_000 <= os.path.getsize(big)
+    store = DiskStore(str(tmp_path / "d"))
+    try:
+        Importer(store, "c", staff=["zhangsan", "lisi"]).run([small])
+        assert chosen == []
+        Importer(store, "c", staff=["zhangsan", "lisi"], dry_run=True).run([big])
+        assert chosen == []
+        Importer(store, "c", staff=["zhangsan", "lisi"]).run([big])
+        assert chosen == [True]
+    finally:
+        store.close()
+
+
+def test_a_reader_child_that_dies_is_a_clear_error_and_what_was_stored_stays(tmp_path, monkeypatch):
+    monkeypatch.setattr(importer_mod, "BATCH", 200)
+    path = messy_csv(tmp_path / "a.csv", 20_000)
+
+    def kill_the_reader(_path, rows):
+        if rows >= 6000:
+            for child in multiprocessing.active_children():
+                child.kill()
+
+    store = DiskStore(str(tmp_path / "d"))
+    try:
+        imp = Importer(store, "c", staff=["zhangsan", "lisi"], reader_process=True, on_progress=kill_the_reader)
+        with pytest.raises(InputError, match="stopped unexpectedly.*run the same import again"):
+            imp.run([path])
+        stored = len(list(store.leads()))
+        assert 0 < stored < 20_000
+        assert multiprocessing.active_children() == []  # reaped, not left behind
+        report = Importer(store, "c", staff=["zhangsan", "lisi"], reader_process=True).run([path])
+        fresh = DiskStore(str(tmp_path / "fresh"))
+        try:
+            again = Importer(fresh, "c", staff=["zhangsan", "lisi"], reader_process=False).run([path])
+            key = lambda s: [(x["id"], x["phone"], x["owner"]) for x in s.leads()]  # noqa: E731
+            assert key(store) == key(fresh)
+            assert report.accepted + report.skipped == again.accepted + again.skipped
+        finally:
+            fresh.close()
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("reader_process", [False, True])
+def test_a_file_broken_mid_way_is_the_same_clear_error_on_both_paths(tmp_path, reader_process):
+    good = messy_csv(tmp_path / "a.csv", 500)
+    broken = tmp_path / "b.json"
+    records = [{"phone": f"1390000{i:04d}", "name": "x", "owner": "lisi"} for i in range(300)]
+    broken.write_text(json.dumps(records)[:-40] + "}{oops", encoding="utf-8")
+    store = DiskStore(str(tmp_path / "d"))
+    try:
+        with pytest.raises(InputError, match=r"b\.json: not valid JSON after record \d+"):
+            Importer(store, "c", staff=["zhangsan", "lisi"], reader_process=reader_process).run([good, str(broken)])
+    finally:
+        store.close()
