@@ -149,6 +149,28 @@ def test_state_survives_reopen_and_format_is_checked(tmp_path, clock):
         DiskStore(d)
 
 
+def test_a_store_of_format_2_is_read_and_worked_on(tmp_path, clock):
+    # Format 2 wrote each lead as a pickled dict: such a store opens, its leads are read
+    # as they were and go on through the queue; the store then says it is format 3.
+    import pickle
+
+    d = str(tmp_path / "d")
+    s = DiskStore(d)
+    s.put_leads("c", [lead(), lead("+8613900139000")], clock())
+    with s._tx():
+        for lid, in s._db().execute("SELECT id FROM lead").fetchall():
+            s._db().execute("UPDATE lead SET data = ? WHERE id = ?", (pickle.dumps(s.lead(lid)), lid))
+        s.cache.set("meta.format", 2)
+    before = list(s.leads())
+    s.close()
+    s2 = DiskStore(d)
+    assert list(s2.leads()) == before and s2.cache.get("meta.format") == 3
+    item = s2.lease("add", 30, clock())
+    assert item.lead == {**before[0], "add": item.lead["add"]} and item.lead["add"]["state"] == "leased"
+    assert invariant(s2)["stages"]["add"]["leased"] == 1
+    s2.close()
+
+
 def test_missing_store_is_a_clear_error(tmp_path):
     with pytest.raises(StoreError, match="wecomctl import"):
         DiskStore(str(tmp_path / "nothing"), create=False)

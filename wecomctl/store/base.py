@@ -20,7 +20,7 @@ from typing import Any, Iterator, Protocol
 # done / skipped / dead), once per final outcome (a replay that ends again writes back again).
 STAGES = ("add", "welcome", "writeback")
 STATES = ("ready", "delayed", "leased", "done", "dead", "skipped")
-STORE_FORMAT = 2  # 2: leads and ready queues in their own SQLite tables
+STORE_FORMAT = 3  # 2: leads and ready queues in their own SQLite tables; 3: compact lead records
 
 
 @dataclass

@@ -9,7 +9,8 @@ one executemany, where diskcache would cost several statements and triggers per 
 import was write-bound at about 5,000 leads/s). Everything else is diskcache keys.
 
 Tables:
-  lead(id, campaign, phone, data)     the lead (pickled dict) and, per stage, {state, qkey,
+  lead(id, campaign, phone, data)     the lead (leadcodec: its values pickled in a fixed key
+                                      order) and, per stage, {state, qkey,
                                       attempts, deliveries, calls, errcode, error, kind, at,
                                       intent, lease}; UNIQUE(campaign, phone) is the dedupe
   ready_{stage}(n, lead)              FIFO of ready lead ids; a lead's qkey "ready:{stage}:{n}"
@@ -31,7 +32,6 @@ lead was finished by a late ack after its lease expired) is dropped, so no extra
 from __future__ import annotations
 
 import os
-import pickle
 import sqlite3
 import threading
 import uuid
@@ -52,8 +52,10 @@ from wecomctl.store.base import (
     NewLead,
     PutResult,
 )
+from wecomctl.store.leadcodec import STAGE_KEYS, new_stage, pack, pack_new, unpack
 
 MAINTAIN_BATCH = 200
+READS_FORMATS = (2, STORE_FORMAT)
 
 
 def _ms(t: float) -> str:
@@ -73,8 +75,7 @@ def _alive(pid: int) -> bool:
 
 def _stage_record(state: str | None, qkey: str | None, now: float) -> dict[str, Any]:
     """A lead's record of one stage, as it starts."""
-    return {"state": state, "qkey": qkey, "attempts": 0, "deliveries": 0, "calls": 0,
-            "errcode": None, "error": None, "kind": None, "at": now, "intent": None, "lease": None}
+    return dict(zip(STAGE_KEYS, new_stage(state, qkey, now)))
 
 
 def _dlq_code(st: dict[str, Any]) -> str:
@@ -139,6 +140,10 @@ class DiskStore:
                 c.set("meta.format", STORE_FORMAT)
                 # Names this store in write-back idempotency keys (lead ids repeat across stores).
                 c.set("meta.id", uuid.uuid4().hex[:12])
+            elif found in READS_FORMATS and found != STORE_FORMAT:
+                # Format 2 wrote leads as pickled dicts, which unpack() still reads; new
+                # records are tuples, which an older wecomctl cannot, so say so.
+                c.set("meta.format", STORE_FORMAT)
             elif found != STORE_FORMAT:
                 raise StoreError(
                     f"store {self.path} has format {found}, this wecomctl reads format {STORE_FORMAT}: "
@@ -160,11 +165,10 @@ class DiskStore:
 
     def _load(self, lead_id) -> dict[str, Any] | None:
         row = self._db().execute("SELECT data FROM lead WHERE id = ?", (lead_id,)).fetchone()
-        return pickle.loads(row[0]) if row else None
+        return unpack(row[0]) if row else None
 
     def _save(self, lead: dict[str, Any]) -> None:
-        self._db().execute("UPDATE lead SET data = ? WHERE id = ?",
-                           (pickle.dumps(lead, pickle.HIGHEST_PROTOCOL), lead["id"]))
+        self._db().execute("UPDATE lead SET data = ? WHERE id = ?", (pack(lead), lead["id"]))
 
     def _push(self, stage: str, lead_id: int) -> str:
         cur = self._db().execute(f"INSERT INTO ready_{stage} (lead) VALUES (?)", (lead_id,))
@@ -245,7 +249,7 @@ class DiskStore:
             # taken once per batch, and the batch's earlier leads are read in one query.
             known = self._ids_by_phone(campaign, [nl.phone for nl in leads])
             seq = db.execute("SELECT coalesce(max(id), 0) FROM lead").fetchone()[0]
-            new: list[dict] = []
+            new: list[tuple[int, NewLead]] = []
             for nl in leads:
                 first = known.get(nl.phone)
                 if first is not None:
@@ -256,20 +260,17 @@ class DiskStore:
                     continue
                 seq += 1
                 known[nl.phone] = seq
-                new.append({
-                    "id": seq, "campaign": campaign, "phone": nl.phone, "name": nl.name,
-                    "owner": nl.owner, "fields": nl.fields, "source": nl.source, "row": nl.row,
-                    "imported_at": now, "external_userid": None,
-                })
+                new.append((seq, nl))
             if new:
                 # Queue numbers are taken after any revive above pushed its own entry.
                 ready = db.execute("SELECT coalesce(max(n), 0) FROM ready_add").fetchone()[0]
                 rows, entries = [], []
-                for lead in new:
+                for lead_id, nl in new:
                     ready += 1
-                    lead["add"] = _stage_record("ready", f"ready:add:{ready}", now)
-                    rows.append((lead["id"], campaign, lead["phone"], pickle.dumps(lead, pickle.HIGHEST_PROTOCOL)))
-                    entries.append((ready, lead["id"]))
+                    values = (lead_id, campaign, nl.phone, nl.name, nl.owner, nl.fields, nl.source, nl.row, now, None)
+                    add = new_stage("ready", f"ready:add:{ready}", now)
+                    rows.append((lead_id, campaign, nl.phone, pack_new(values, add)))
+                    entries.append((ready, lead_id))
                 db.executemany("INSERT INTO lead (id, campaign, phone, data) VALUES (?, ?, ?, ?)", rows)
                 db.executemany("INSERT INTO ready_add (n, lead) VALUES (?, ?)", entries)
                 res.accepted = len(new)
@@ -587,7 +588,7 @@ class DiskStore:
             if not page:
                 return
             for lid, data in page:
-                yield pickle.loads(data)
+                yield unpack(data)
             last = page[-1][0]
 
     def requeue_dead(self, stage: str | None, campaign: str | None, now: float,
@@ -727,8 +728,7 @@ class DiskStore:
                         c.incr(f"dlq:{lead['campaign']}:{stage}:{_dlq_code(st)}", 1, default=0)
                     self._count(c, lead["campaign"], stage, st["state"], 1)
                 self._db().execute("INSERT INTO lead (id, campaign, phone, data) VALUES (?, ?, ?, ?)",
-                                   (lead["id"], lead["campaign"], lead["phone"],
-                                    pickle.dumps(lead, pickle.HIGHEST_PROTOCOL)))
+                                   (lead["id"], lead["campaign"], lead["phone"], pack(lead)))
                 c.incr(f"n:{lead['campaign']}:imported", 1, default=0)
             loaded["leads"] += len(batch)
             batch.clear()
