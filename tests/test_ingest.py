@@ -278,8 +278,55 @@ def test_gbk_bytes_that_are_valid_utf8_are_read_as_gbk(tmp_path):
     assert lf.encoding == "gb18030" and items[0].name == "小强"
 
 
+# Common surnames, and given-name characters from GB2312 level 1 (the 3,755 commonest).
+SURNAMES = "王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗郑梁谢宋唐许韩冯邓曹彭曾肖田董袁潘于蒋蔡余杜叶程苏魏吕丁任沈姚卢姜崔钟谭陆汪范金石廖贾夏韦付方白邹孟熊秦邱江尹薛闫段雷侯龙史陶黎贺顾毛郝龚邵万钱严覃武戴莫孔向汤"
+LEVEL1 = [bytes([a, b]).decode("gb2312") for a in range(0xB0, 0xD8) for b in range(0xA1, 0xFF)
+          if not (a == 0xD7 and b > 0xF9)]
+
+
+def test_small_gbk_files_whose_bytes_are_valid_utf8_are_read_as_gbk():
+    # One row under an ASCII header: the least evidence a file can give. Every such
+    # name whose GBK bytes also form UTF-8 ("魏梅" reads "κ÷", "枚枚" "öö") is GBK.
+    import io
+
+    from wecomctl.ingest.encoding import detect
+
+    checked = 0
+    for names in (SURNAMES, LEVEL1):
+        for first in names:
+            for second in LEVEL1[::7]:
+                raw = (first + second).encode("gb18030")
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    continue
+                checked += 1
+                data = b"phone,name\r\n13800138000," + raw + b"\r\n"
+                assert detect("a.csv", io.BytesIO(data)).name == "gb18030", first + second
+    assert checked > 3000
+
+
+def test_damaged_utf8_lines_are_rejected_not_read_as_gbk(tmp_path):
+    # A UTF-8 file with one Latin-1 byte in a remark: reading that line as GB18030
+    # would store the name 张三 as 寮犱笁. In the sample or beyond it, in either order.
+    bad = "13800138000,张三,caf".encode() + b"\xe9s\r\n"
+    good = "13900139000,李四,ok\r\n".encode()
+    pad = "".join(f"1370013{i:04d},王五,{'x' * 80}\r\n" for i in range(800)).encode()
+    for body in (bad + good, good + bad, good + pad + bad):
+        lf, items = read(write(tmp_path, "a.csv", "手机号,姓名,备注\r\n".encode() + body))
+        assert lf.encoding == "utf-8"
+        names = {i.name for i in items if isinstance(i, Lead)}
+        assert "李四" in names and not any("寮" in n for n in names)
+        [reject] = [i for i in items if not isinstance(i, Lead)]
+        assert reject.reason.startswith("undecodable text") and reject.raw == "13800138000"
+    # GBK rows appended to a UTF-8 file are still read as GBK, line by line.
+    lf, items = read(write(tmp_path, "b.csv", "手机号,姓名\r\n".encode() + good + "13700137000,赵六\r\n".encode("gbk")))
+    assert [i.name for i in items] == ["李四", "赵六"]
+
+
 def test_utf8_that_is_also_valid_gb18030_stays_utf8(tmp_path):
-    for name in ("张三", "José Müller", "Сергей", "李㒲"):
+    for name in ("张三", "José Müller", "Сергей", "李㒲", "Αλέξανδρος", "Dvořák", "Łukasz", "Zoë", "İstanbul",
+                 "Ñandú", "ΑΘΗΝΑ", "иван", "naïve café", "山田太郎", "김민수", "α型客户", "Ω公司", "Nguyễn Văn Ơn"):
         data = f"phone,name\n13800138000,{name}\n".encode()
         lf, items = read(write(tmp_path, "a.csv", data))
         assert (lf.encoding, items[0].name) == ("utf-8", name)

@@ -9,6 +9,8 @@ never forms valid UTF-8. Almost: about 1 in 70 two-character GBK names does ("�
 d0a1 c7bf, which is UTF-8 for "Сǿ"), so a small GBK file can be valid UTF-8. When the
 sample is valid in both, the readings are weighed (plausible.py). GB18030, never `gbk`:
 it is a superset, and names use rare characters (李㒲) that only GB18030 encodes.
+A sample that is not all valid UTF-8 is judged line by line: a line of UTF-8 Chinese
+with one stray byte is UTF-8 (its row is rejected as undecodable), never GB18030 mojibake.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from wecomctl.errors import InputError
-from wecomctl.ingest.plausible import gbk_not_utf8, utf8_line_in_gbk_file
+from wecomctl.ingest.plausible import damaged_utf8_line, gbk_not_utf8, utf8_line_in_gbk_file
 
 SAMPLE = 64 * 1024
 
@@ -121,14 +123,15 @@ def detect(path: str, f: BinaryIO) -> Encoding:
         if _decodes(sample, "gb18030", complete) and gbk_not_utf8(sample, complete):
             return Encoding("gb18030", "gb18030")
         return Encoding("utf-8", "utf-8")
-    if _decodes(sample, "gb18030", complete):
-        return Encoding("gb18030", "gb18030")  # GBK, or GBK and UTF-8 lines mixed
-    # Some lines are neither: a few bad rows (rejected one by one), or not a text file at all.
+    # Not all UTF-8: GBK, GBK and UTF-8 lines mixed, UTF-8 with a stray byte in a line,
+    # a few bad rows (rejected one by one), or not a text file at all. Line by line.
     lines = sample.split(b"\n")
     if not complete:
         lines.pop()
-    verdicts = [(_decodes(ln, "utf-8", True), _decodes(ln, "gb18030", True))
+    verdicts = [(_decodes(ln, "utf-8", True) or damaged_utf8_line(ln), _decodes(ln, "gb18030", True))
                 for ln in lines if not ln.isascii()]
+    if not verdicts and _decodes(sample, "gb18030", complete):
+        return Encoding("gb18030", "gb18030")  # one long line (a JSON array), GBK
     utf8 = sum(u for u, _ in verdicts)
     gbk = sum(g and not u for u, g in verdicts)
     bad = sum(not (u or g) for u, g in verdicts)
@@ -215,6 +218,9 @@ class LineDecoder:
                 continue
             except UnicodeDecodeError:
                 pass
+            if other == "gb18030" and damaged_utf8_line(line):
+                yield line.decode(codec, errors="replace")  # rejected as undecodable, never garbled
+                continue
             if other:
                 try:
                     text = line.decode(other)

@@ -26,11 +26,35 @@ def _script(ch: str) -> str:
     return "LATIN" if ch.isascii() else unicodedata.name(ch, "?").split(" ")[0]
 
 
+def _core_letter(ch: str) -> bool:
+    """A letter of the alphabets people's names are written in: Latin-1 and Latin
+    Extended-A (José, Łukasz, Dvořák), Greek, Russian Cyrillic. GBK bytes read as UTF-8
+    mostly land beside them: Latin Extended-B, IPA, Armenian, Cyrillic extensions."""
+    o = ord(ch)
+    return 0xC0 <= o <= 0x17F or 0x386 <= o <= 0x3CE or 0x400 <= o <= 0x45F
+
+
+def _word_like(letters: list[str]) -> bool:
+    """Letters (no CJK) of one word that read as a word of some language."""
+    if len({_script(c) for c in letters}) != 1:
+        return False  # scripts glued into one word: "Сǿ"
+    if any(c.isascii() for c in letters):
+        return True  # a Latin word with accents: "José", "Müller"
+    if _script(letters[0]) == "LATIN":
+        return False  # Latin words have plain letters too; "ţò", "ĽĦ" are GBK bytes
+    # Greek or Cyrillic: a word of three or more letters of the core alphabets, cased
+    # as words are ("Сергей", "ΑΘΗΝΑ", "иван"), not "оҨ", "вж" or a lone "κ".
+    text = "".join(letters)
+    return (len(letters) >= 3 and all(_core_letter(c) for c in letters)
+            and (text.islower() or text.isupper() or text.istitle()))
+
+
 def odd_share(text: str) -> float:
     """Share of the non-ASCII characters that make no sense in a lead list."""
     total = odd = 0
     for word in _WORDS.findall(text):
-        scripts = {_script(c) for c in word if c.isalpha() and not _cjk(c)}
+        letters = [c for c in word if c.isalpha() and not _cjk(c)]
+        word_like = bool(letters) and _word_like(letters)
         for ch in word:
             if ch.isascii():
                 continue
@@ -38,7 +62,7 @@ def odd_share(text: str) -> float:
             symbol = unicodedata.category(ch) in ("So", "Sc", "Pd", "Pi", "Pf", "Po", "Ps", "Pe")
             if _cjk(ch) or (symbol and ord(ch) >= 0x2000) or ch in "·×÷°©®":
                 continue
-            if ch.isalpha() and len(scripts) == 1:
+            if ch.isalpha() and word_like:
                 continue
             odd += 1
     return odd / total if total else 0.0
@@ -77,3 +101,15 @@ def utf8_line_in_gbk_file(line: bytes) -> bool:
         return False
     gbk = line.decode("gb18030", errors="replace")
     return odd_share(utf8) == 0 and common_chinese_share(utf8) > common_chinese_share(gbk)
+
+
+def damaged_utf8_line(line: bytes) -> bool:
+    """In a file read as UTF-8, is this line (invalid UTF-8) UTF-8 text with a stray
+    byte ("张三,caf\xe9") rather than a GBK row appended to the file?
+
+    Read as GB18030, such a line turns its real Chinese into mojibake ("寮犱笁"), a
+    plausible but wrong name. A GBK line read as UTF-8 is almost all U+FFFD (its bytes
+    rarely form a valid 3-byte sequence); a damaged UTF-8 line has more CJK than that.
+    """
+    text = line.decode("utf-8", errors="replace")
+    return sum(map(_cjk, text)) > text.count("\ufffd")
