@@ -49,13 +49,56 @@ def test_case_through_import(name, tmp_path):
     for number in expected.get("never", []):
         assert number not in {lead["phone"] for lead in leads}
     if expected["reject"]:
-        with open(report["rejects_file"], encoding="utf-8-sig") as fh:
-            rows = list(csv.DictReader(fh))
-        assert len(rows) == expected["reject"]
-        assert all(r["row"] and r["raw"] and len(r["reason"]) > 10 for r in rows)
+        assert_rejects(report, CASES / name, expected["reject"])
+    else:
+        assert report["rejects_file"] is None
     again = json.loads(wecomctl("import", str(CASES / name), "--campaign", "case", "--owner", "zhangsan",
                                 "-d", data, "--json").stdout)
     assert again["accepted"] == 0 and again["skipped"] == len(expected["accept"]) + expected["skip"]
+
+
+def assert_rejects(report, path, count):
+    """Each reject names its data row, the phone cell as written in the file, and why."""
+    with open(report["rejects_file"], encoding="utf-8-sig") as fh:
+        rows = list(csv.DictReader(fh))
+    text = path.read_bytes().decode(report["files"][0]["encoding"] or "utf-8", "replace")
+    assert len(rows) == count
+    assert len({r["row"] for r in rows}) == count and all(int(r["row"]) >= 1 for r in rows)
+    for r in rows:
+        assert r["raw"] and r["raw"] in text, r  # as written, not as normalised
+        assert len(r["reason"]) > 15 and r["reason"] not in ("invalid", "invalid phone"), r
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_case_dry_run_reports_the_same_and_writes_nothing_to_the_data_dir(name, tmp_path):
+    expected = EXPECTED[name]
+    data = tmp_path / "data"
+    proc = wecomctl("import", str(CASES / name), "--campaign", "case", "--owner", "zhangsan", "-d", str(data),
+                    "--json", "--dry-run")
+    assert not data.exists()
+    if expected.get("error"):
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        return
+    report = json.loads(proc.stdout)
+    assert (report["accepted"], report["rejected"], report["skipped"]) == (
+        len(expected["accept"]), expected["reject"], expected["skip"])
+    if expected["reject"]:
+        assert_rejects(report, CASES / name, expected["reject"])  # the operator still sees which rows
+        os.unlink(report["rejects_file"])
+
+
+@pytest.mark.parametrize("name", sorted(n for n in EXPECTED if not EXPECTED[n].get("error")))
+def test_case_through_the_child_reader(name, tmp_path):
+    # Big imports read in a child process; the cases must come out the same there.
+    from wecomctl.ingest.importer import Importer
+
+    store = DiskStore(str(tmp_path / "data"))
+    try:
+        report = Importer(store, "case", owner="zhangsan", reader_process=True).run([str(CASES / name)])
+        assert [[lead["phone"], lead["name"]] for lead in store.leads("case")] == EXPECTED[name]["accept"]
+        assert (report.rejected, report.skipped) == (EXPECTED[name]["reject"], EXPECTED[name]["skip"])
+    finally:
+        store.close()
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="the shared cases are not beside this checkout")

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from typing import List, Optional
 
 import typer
@@ -141,9 +142,11 @@ def import_cmd(
             store = open_store(s)
         opts = ReadOptions(encoding=encoding, delimiter=delimiter, phone_column=phone_column,
                            name_column=name_column, owner_column=owner_column)
-        # A dry run writes nothing at all: its report is on the screen.
+        # A dry run leaves the data dir alone, but the operator still needs to see which
+        # rows are bad: its reports go to the system's temporary directory.
+        reports = tempfile.gettempdir() if dry_run else os.path.join(s.data_dir, "rejects")
         imp = Importer(store, campaign, owner=owner, staff=s.staff_for(campaign.strip()), options=opts,
-                       rejects_dir=None if dry_run else os.path.join(s.data_dir, "rejects"), dry_run=dry_run,
+                       rejects_dir=reports, dry_run=dry_run,
                        template=s.welcome_for(campaign.strip()).text, data_dir=s.data_dir)
         try:
             with _ImportProgress(err) as progress:
