@@ -133,7 +133,12 @@ def test_a_file_broken_mid_way_is_the_same_clear_error_on_both_paths(tmp_path, r
     broken.write_text(json.dumps(records)[:-40] + "}{oops", encoding="utf-8")
     store = DiskStore(str(tmp_path / "d"))
     try:
-        with pytest.raises(InputError, match=r"b\.json: not valid JSON after record \d+"):
+        with pytest.raises(InputError, match=r"b\.json: not valid JSON after record \d+") as raised:
             Importer(store, "c", staff=["zhangsan", "lisi"], reader_process=reader_process).run([good, str(broken)])
+        # What was read before the break is queued, and the message says so.
+        stored = len(list(store.leads()))
+        assert stored > 300
+        assert f"the {stored:,} leads read before it are queued" in str(raised.value)
+        assert "run the same import again" in str(raised.value)
     finally:
         store.close()

@@ -153,7 +153,7 @@ _LINE_END = re.compile(rb"\r\n|\n|\r")
 MAX_LINE = 16 * 1024 * 1024  # no lead row is this long: a runaway quote or not a lead file
 
 
-def byte_lines(f: BinaryIO) -> Iterator[bytes]:
+def byte_lines(f: BinaryIO, path: str = "") -> Iterator[bytes]:
     r"""Lines ending in b"\n", for files ending lines in \r\n, \n or \r (old Mac Excel).
 
     Safe for UTF-8 and GB18030: neither uses the bytes \r or \n inside a character.
@@ -161,6 +161,7 @@ def byte_lines(f: BinaryIO) -> Iterator[bytes]:
     """
     parts: list[bytes] = []  # pieces of the line not yet ended
     size = 0
+    ended = 0  # lines yielded so far
     cr_held = False  # the last block ended in \r: a line end, maybe the first half of \r\n
     while True:
         block = f.read(SAMPLE)
@@ -169,6 +170,7 @@ def byte_lines(f: BinaryIO) -> Iterator[bytes]:
         if cr_held:
             cr_held = False
             yield b"".join(parts) + b"\n"
+            ended += 1
             parts, size = [], 0
             if block.startswith(b"\n"):
                 block = block[1:]
@@ -179,13 +181,15 @@ def byte_lines(f: BinaryIO) -> Iterator[bytes]:
                 break
             parts.append(block[pos:match.start()])
             yield b"".join(parts) + b"\n"
+            ended += 1
             parts, size = [], 0
             pos = match.end()
         rest = block[pos:len(block) - (1 if cr_held else 0)]
         parts.append(rest)
         size += len(rest)
         if size > MAX_LINE:
-            raise InputError(f"a line is longer than {MAX_LINE // 2**20} MiB: a runaway quote, or not a lead file")
+            raise InputError(f"{path}: line {ended + 1} is longer than {MAX_LINE // 2**20} MiB: "
+                             "not a lead file, or a cell holding a whole document; nothing after it was read")
     if cr_held or any(parts):
         yield b"".join(parts) + b"\n" if cr_held else b"".join(parts)
 
@@ -193,8 +197,8 @@ def byte_lines(f: BinaryIO) -> Iterator[bytes]:
 class LineDecoder:
     """Decodes a file into text lines (with "\n" endings) for the CSV and JSONL readers."""
 
-    def __init__(self, enc: Encoding):
-        self.enc = enc
+    def __init__(self, enc: Encoding, path: str = ""):
+        self.enc, self.path = enc, path
         self.fallback_lines = 0  # lines decoded with the other encoding (a mixed file)
 
     def lines(self, f: BinaryIO) -> Iterator[str]:
@@ -208,7 +212,7 @@ class LineDecoder:
             yield from io.TextIOWrapper(f, encoding=codec, errors="replace", newline=None)
             return
         other = None if self.enc.override else _OTHER.get(codec)
-        for line in byte_lines(f):
+        for line in byte_lines(f, self.path):
             if other == "utf-8" and not line.isascii() and utf8_line_in_gbk_file(line):
                 self.fallback_lines += 1  # a UTF-8 row appended to a GBK file
                 yield line.decode("utf-8")

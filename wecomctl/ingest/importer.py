@@ -141,6 +141,14 @@ class Importer:
                     for fr, (rejected, blank, nul_rows) in zip(report.files, per_file):
                         fr.rejected, fr.blank, fr.nul_rows = rejected, blank, nul_rows
                     report.reasons = reasons
+        except InputError as exc:
+            # A file broken part-way (bad JSON, a runaway line): what came before it is
+            # stored, as after an interruption. Say so, and how to finish.
+            stored = sum(fr.accepted + fr.revived for fr in report.files)
+            if stored and not self.dry_run:
+                raise InputError(f"{exc}; the {stored:,} leads read before it are queued: fix the file and run "
+                                 "the same import again (what is queued is skipped as a duplicate)") from None
+            raise
         finally:
             report.duplicates_file = self._dupes.close()
         for fr in report.files:

@@ -183,12 +183,12 @@ class LeadFile:
             yield from xlsxfile.sheet_rows(self.path, self.sheet)
             return
         with open(self.path, "rb") as f:
-            yield from csvfile.rows(self.path, LineDecoder(self._enc).lines(f), self.delimiter)
+            yield from csvfile.rows(self.path, LineDecoder(self._enc, self.path).lines(f), self.delimiter)
 
     def _records(self) -> Iterator[object]:
         with open(self.path, "rb") as f:
             if self.format == "jsonl":
-                yield from jsonfile.jsonl_records(LineDecoder(self._enc).lines(f))
+                yield from jsonfile.jsonl_records(LineDecoder(self._enc, self.path).lines(f))
             else:
                 yield from jsonfile.array_records(self.path, text_chunks(f, self._enc))
 
