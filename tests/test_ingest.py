@@ -484,6 +484,27 @@ def test_xlsx_numeric_phone_cells(tmp_path):
     assert isinstance(items[3], Blank) and isinstance(items[4], Reject)
 
 
+def test_xlsx_number_cells_shown_in_scientific_notation_are_rejected(tmp_path):
+    # A CSV holding 1.38001E+10, opened in Excel and saved as XLSX, becomes the number
+    # 13800100000 with the format 0.00E+00: a plausible number whose digits are gone.
+    openpyxl = pytest.importorskip("openpyxl")
+    wb = openpyxl.Workbook()
+    ws = wb.active
+    ws.append(["手机号", "姓名", "金额"])
+    for value, fmt in ((13800100000, "0.00E+00"), (8613800000000, "0.0000E+00"), (13800138000, "##0.0E+0"),
+                       (13900139000, "General"), (13700137000, "0")):
+        ws.append([value, "x", 123456])
+        ws.cell(ws.max_row, 1).number_format = fmt
+    ws.cell(ws.max_row, 3).number_format = "0.0E+00"  # another column: read as Excel shows it
+    wb.save(tmp_path / "sci.xlsx")
+    lf, items = read(tmp_path / "sci.xlsx")
+    assert [type(i) for i in items] == [Reject, Reject, Reject, Lead, Lead]
+    assert [i.raw for i in items[:3]] == ["1.38E+10", "8.6138E+12", "1.4E+10"]
+    assert all(i.reason == phones.SCIENTIFIC for i in items[:3])
+    assert [i.phone for i in items[3:]] == ["+8613900139000", "+8613700137000"]
+    assert items[3].fields["金额"] == "123456" and items[4].fields["金额"] == "1.2E+05"
+
+
 def test_xlsx_sheets(tmp_path):
     openpyxl = pytest.importorskip("openpyxl")
     wb = openpyxl.Workbook()

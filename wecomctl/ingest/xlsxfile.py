@@ -3,23 +3,36 @@
 Excel stores a phone typed into a General cell as a number. A number cell becomes its
 digits only when it is exactly an integer; anything else is passed on as is (and the
 phone check rejects it): str() of a float could print 1.38001e+10 or drop digits.
+
+A number cell with a scientific number format (0.00E+00) is read as Excel shows it,
+1.38E+10, and so rejected: that is what a CSV holding 1.38001E+10 becomes when Excel
+opens it and saves it as XLSX, and its digits beyond the shown ones are gone.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from wecomctl.errors import InputError
 
 
-def cell_text(value: object) -> str:
+# The digit placeholders and decimals before an exponent: 0.00E+00, ##0.0E+0, 0E-00.
+_SCIENTIFIC_FORMAT = re.compile(r"[0#?](?:\.([0#?]*))?[eE][+-]")
+
+
+def cell_text(value: object, number_format: str | None = None) -> str:
     if value is None:
         return ""
     if isinstance(value, bool):
         return "TRUE" if value else "FALSE"
+    if number_format and isinstance(value, (int, float)) and "E" in number_format.upper():
+        shown = _SCIENTIFIC_FORMAT.search(number_format)
+        if shown and math.isfinite(value):
+            return f"{value:.{len(shown.group(1) or '')}E}"
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
@@ -61,5 +74,5 @@ def sheet_rows(path: str, sheet: str | None) -> Iterator[list[str]]:
         ws = wb[sheet] if sheet else worksheets(wb)[0]
         # Some writers record a wrong used range (A1:A1); forget it and read what is there.
         ws.reset_dimensions()
-        for values in ws.iter_rows(values_only=True):
-            yield [cell_text(v) for v in values]
+        for cells in ws.iter_rows():
+            yield [cell_text(c.value, getattr(c, "number_format", None)) for c in cells]
