@@ -505,6 +505,38 @@ def test_xlsx_number_cells_shown_in_scientific_notation_are_rejected(tmp_path):
     assert items[3].fields["金额"] == "123456" and items[4].fields["金额"] == "1.2E+05"
 
 
+def test_title_rows_above_the_header_are_skipped(tmp_path):
+    # Reports exported from CRMs and Excel often carry a title (merged across the row)
+    # and an export time above the table.
+    path = write(tmp_path, "t.csv", "2024年客户名单,,\n导出时间: 2024-05-01,,\n\n联系电话,客户姓名,备注\n"
+                                    "13800138000,张三,vip\n13900139000,李四,\n")
+    lf, items = read(path)
+    assert lf.title_rows == 2 and lf.columns["phone"] == "联系电话"
+    assert [(i.row, i.phone, i.name) for i in items] == [(1, "+8613800138000", "张三"), (2, "+8613900139000", "李四")]
+    lf, items = read(path, phone_column="联系电话")
+    assert lf.title_rows == 2 and len(items) == 2
+    openpyxl = pytest.importorskip("openpyxl")
+    wb = openpyxl.Workbook()
+    ws = wb.active
+    ws.append(["2024年客户名单"])
+    ws.merge_cells("A1:C1")
+    ws.append(["联系电话", "客户姓名", "备注"])
+    ws.append([13800138000, "张三", "vip"])
+    wb.save(tmp_path / "t.xlsx")
+    lf, items = read(tmp_path / "t.xlsx")
+    assert lf.title_rows == 1 and [(i.phone, i.name) for i in items] == [("+8613800138000", "张三")]
+
+
+def test_rows_holding_a_mobile_are_never_taken_for_a_title(tmp_path):
+    # A headerless list whose later row happens to say "phone" loses no lead.
+    lf, items = read(write(tmp_path, "h.csv", "13800138000\nphone\n13900139000\n"))
+    assert lf.headerless and lf.title_rows == 0
+    assert [i.phone for i in items if isinstance(i, Lead)] == ["+8613800138000", "+8613900139000"]
+    # A title row is not a header, and with no table under it the file is refused as before.
+    with pytest.raises(InputError, match="no phone column; found: 2024年客户名单"):
+        read(write(tmp_path, "n.csv", "2024年客户名单,,\n名字,城市\n张三,北京\n"))
+
+
 def test_xlsx_sheets(tmp_path):
     openpyxl = pytest.importorskip("openpyxl")
     wb = openpyxl.Workbook()

@@ -179,6 +179,8 @@ def import_cmd(
         for reason, n in sorted(report.reasons.items(), key=lambda kv: -kv[1]):
             out.print(f"  rejected {n}: {reason}")
         for f in report.files:
+            if f.title_rows:
+                out.print(f"  {f.path}: {f.title_rows} title row(s) above the header skipped", markup=False)
             if f.nul_rows:
                 out.print(f"  {f.path}: NUL bytes removed from {f.nul_rows} rows (a damaged export?)")
         if report.revived:

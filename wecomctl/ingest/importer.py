@@ -45,6 +45,7 @@ class FileReport:
     blank: int = 0
     revived: int = 0
     nul_rows: int = 0  # rows NUL bytes were removed from
+    title_rows: int = 0  # rows of a report title above the header, skipped
 
 
 @dataclass
@@ -120,7 +121,8 @@ class Importer:
         for lf in files:
             self._check_file(lf)
         report = ImportReport(self.campaign, dry_run=self.dry_run)
-        report.files = [FileReport(lf.path, lf.format, lf.encoding, lf.delimiter) for lf in files]
+        report.files = [FileReport(lf.path, lf.format, lf.encoding, lf.delimiter, title_rows=lf.title_rows)
+                        for lf in files]
         # Written as they happen, not kept: memory stays flat however many rows are bad.
         self._dupes = _ReportFile(self._report_path("duplicates"),
                                   ["file", "row", "raw", "phone", "matches_file", "matches_row"])

@@ -23,6 +23,7 @@ from wecomctl.ingest.text import clean_cell, header_key
 
 _OLE = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"  # .xls, WPS .et, and password-protected .xlsx
 _HEADER_SEARCH = 100  # blank rows tolerated above the header
+_TITLE_ROWS = 5  # rows of a title above the header ("2024年客户名单", "导出时间: ...")
 
 
 @dataclass
@@ -49,6 +50,8 @@ class LeadFile:
         self.sheet: str | None = None  # XLSX: the sheet read
         self.headerless = False  # a plain list of numbers: no header row
         self.nul_rows = 0  # rows NUL bytes were removed from (counted while reading)
+        self.title_rows = 0  # non-blank rows above the header (a report title), skipped
+        self._header_at = -1  # index of the header among the table's rows
         self._enc: Encoding | None = None
         self._sniff()
 
@@ -95,7 +98,7 @@ class LeadFile:
         else:
             self.delimiter = csvfile.sep_line(first_line) or csvfile.sniff_delimiter(
                 csvfile.sample_lines(text, complete))
-        self._set_header(self._first_row(self._table_rows()))
+        self._set_header(self._header_row(self._table_rows()))
 
     def _sniff_xlsx(self) -> None:
         heads = []
@@ -103,16 +106,18 @@ class LeadFile:
             for ws in xlsxfile.worksheets(wb):
                 ws.reset_dimensions()
                 cells = (list(map(xlsxfile.cell_text, r)) for r in ws.iter_rows(values_only=True))
-                heads.append((ws.title, self._first_row(cells)))
+                header = self._header_row(cells)
+                heads.append((ws.title, header, (self._header_at, self.title_rows)))
         # Read the sheet with a phone column; an instructions sheet next to it is fine, but
         # two sheets of leads would leave one unimported without anyone noticing.
-        with_phone = [(s, h) for s, h in heads if h is not None and self._has_phone(h)]
+        with_phone = [x for x in heads if x[1] is not None and self._has_phone(x[1])]
         if len(with_phone) > 1:
-            names = ", ".join(repr(s) for s, _ in with_phone)
+            names = ", ".join(repr(x[0]) for x in with_phone)
             raise InputError(f"{self.path}: sheets {names} each have a phone column; save each sheet "
                              "as its own file and import them together")
-        non_empty = [(s, h) for s, h in heads if h is not None]
-        self.sheet, header = (with_phone or non_empty or [(heads[0][0] if heads else None, None)])[0]
+        non_empty = [x for x in heads if x[1] is not None]
+        self.sheet, header, (self._header_at, self.title_rows) = (
+            with_phone or non_empty or [(heads[0][0] if heads else None, None, (-1, 0))])[0]
         self._set_header(header, f" (sheet {self.sheet!r})" if len(heads) > 1 else "")
 
     def _has_phone(self, header: list[str]) -> bool:
@@ -137,17 +142,35 @@ class LeadFile:
                              '{"手机号": "...", "姓名": "..."}')
         self._set_header(list(first.keys()), headerless_ok=False)
 
-    def _first_row(self, rows: Iterator[list[str]]) -> list[str] | None:
-        # The header is the first non-blank row: Excel keeps blank rows above a table.
+    def _header_row(self, rows: Iterator[list[str]]) -> list[str] | None:
+        """The header: the first non-blank row (Excel keeps blank rows above a table), or,
+        when that has no phone column, the first of the next few rows that has one: a
+        report's title rows above the table ("2024年客户名单"). Title rows holding a
+        mobile number are never skipped: that is data, not a title."""
+        self._header_at, self.title_rows = -1, 0
+        candidates: list[tuple[int, list[str]]] = []
         try:
             for i, cells in enumerate(rows):
-                if not csvfile.is_blank(cells):
-                    return cells
                 if i >= _HEADER_SEARCH:
                     break
-            return None
+                if csvfile.is_blank(cells):
+                    continue
+                candidates.append((i, cells))
+                if self._has_phone(cells) or len(candidates) > _TITLE_ROWS:
+                    break
         finally:
             getattr(rows, "close", lambda: None)()
+        if not candidates:
+            return None
+        at, cells = candidates[-1]
+        titles = candidates[:-1]
+        region = self.options.default_region
+        if (not self._has_phone(cells) or len(titles) > _TITLE_ROWS
+                or any(_is_mobile(c, region) for _, t in titles for c in t)):
+            at, cells = candidates[0]  # no table under a title: the first row, as always
+            titles = []
+        self._header_at, self.title_rows = at, len(titles)
+        return cells
 
     def _set_header(self, cells: list[str] | None, where: str = "", headerless_ok: bool = True) -> None:
         if cells is None:
@@ -205,9 +228,9 @@ class LeadFile:
         try:
             header_seen = self.headerless
             n = 0
-            for cells in rows:
+            for index, cells in enumerate(rows):
                 if not header_seen:
-                    header_seen = not csvfile.is_blank(cells)  # blank rows above the header
+                    header_seen = index >= self._header_at  # blank and title rows above the header
                     continue
                 n += 1
                 if getattr(cells, "last_line", 0) > getattr(cells, "first_line", 0):
