@@ -116,3 +116,41 @@ def test_copy_refuses_a_store_a_run_is_working_on(tmp_path, clock):
     src.set_flag("heartbeat", {"at": time.time() - 60, "by": "host-123"})  # that run ended a minute ago
     src.close()
     assert cli("store", "copy", "--from", str(tmp_path / "src"), "--to", str(tmp_path / "dst")).returncode == 0
+
+
+@pytest.mark.parametrize("backend", ["disk", "redis"])
+def test_copy_after_a_killed_run_gives_its_expired_leases_back(tmp_path, backend):
+    # kill -9 leaves leases behind; once they have expired the copy goes ahead, with the
+    # items ready (the leased one keeps its intent, settled before any new call).
+    import time
+
+    from conftest import FakeClock
+
+    if backend == "redis":
+        client = redis_client_or_skip()
+        namespace = f"wecomctl-test-{uuid.uuid4().hex[:10]}"
+        location = f"{REDIS_URL}?namespace={namespace}"
+    else:
+        location = str(tmp_path / "src")
+    try:
+        past = FakeClock(time.time() - 1000)  # the killed run leased these 1000 s ago
+        src = open_store(location, **KW)
+        src.put_leads("a", [lead(phone=f"+861380013{i:04d}") for i in range(3)], past())
+        held = src.lease("add", 30, past())
+        src.mark_intent(held, past())
+        src.lease("add", 30, past())
+        assert src.has_leases()
+        src.close()
+        done = cli("store", "copy", "--from", location, "--to", str(tmp_path / "dst"), "--json", check=False)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["ok"]
+        dst = open_store(str(tmp_path / "dst"), **KW)
+        states = sorted(x["add"]["state"] for x in dst.leads())
+        intents = [x["add"].get("intent") for x in dst.leads() if x["add"].get("intent")]
+        assert states == ["ready"] * 3 and len(intents) == 1 and dst.check() == []
+        dst.close()
+    finally:
+        if backend == "redis":
+            keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
+            if keys:
+                client.delete(*keys)

@@ -595,8 +595,17 @@ def store_copy(
                                 f"ago, from {beat.get('by')}); stop every run on it, then copy "
                                 f"(a run counts as stopped {HEARTBEAT_FRESH_S:.0f}s after its end)")
         if src.has_leases():
-            raise WecomctlError(f"a run is working on {shown(source)} (items are leased); "
-                                "stop it (or wait for it to end), then copy")
+            # A run that was killed (kill -9, out of memory, a host that went down) leaves
+            # its leases behind. Give back what a run would: leases of processes gone from
+            # this host, and leases that have expired (of any host).
+            now = time.time()
+            src.reclaim(now)
+            while src.maintain(now):
+                pass
+        if src.has_leases():
+            raise WecomctlError(f"a run is working on {shown(source)} (items are leased by a process still "
+                                "running, or on another host until their lease expires: run.lease_s); "
+                                "stop it or wait, then copy")
         dst = open_location(target, create=True, **kw)
         start = time.time()
         loaded = dst.restore(src.snapshot(), time.time())
