@@ -6,10 +6,22 @@ import uuid
 import pytest
 
 # Rate-limit state and tokens are shared machine-wide; keep the tests' own.
-os.environ.setdefault("WECOMCTL_SHARED_DIR", tempfile.mkdtemp(prefix="wecomctl-test-shared-"))
+_OWN_SHARED = None
+if "WECOMCTL_SHARED_DIR" not in os.environ:
+    _OWN_SHARED = os.environ["WECOMCTL_SHARED_DIR"] = tempfile.mkdtemp(prefix="wecomctl-test-shared-")
 
-from wecomctl.store.base import NewLead
-from wecomctl.store.disk import DiskStore
+from redis_util import REDIS_URL, redis_client_or_skip  # noqa: E402
+from wecomctl.store.base import NewLead  # noqa: E402
+from wecomctl.store.disk import DiskStore  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_own_shared_dir():
+    yield
+    if _OWN_SHARED:
+        import shutil
+
+        shutil.rmtree(_OWN_SHARED, ignore_errors=True)
 
 
 class FakeClock:
@@ -28,24 +40,9 @@ def clock():
     return FakeClock()
 
 
-REDIS_URL = os.environ.get("WECOMCTL_TEST_REDIS", "redis://127.0.0.1:6379/0")
-_redis_down: list[str] = []  # why Redis did not answer, once per session
-
-
 def redis_or_skip() -> str:
     """The test Redis URL; skips the test when Redis does not answer (fails it under CI=true)."""
-    if not _redis_down:
-        try:
-            import redis
-
-            redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
-            _redis_down.append("")
-        except Exception as exc:  # not installed, refused, auth: all mean no Redis tests here
-            _redis_down.append(f"no Redis at {REDIS_URL} ({type(exc).__name__}: {exc})")
-    if _redis_down[0]:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{_redis_down[0]}: CI must run the Redis store tests")
-        pytest.skip(_redis_down[0])
+    redis_client_or_skip().close()
     return REDIS_URL
 
 

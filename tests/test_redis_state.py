@@ -202,6 +202,7 @@ def test_make_backend_picks_by_location(tmp_path, redis_prefix):
     ("redis://:s3cret-pw@127.0.0.1:6379/0", "redis://***@127.0.0.1:6379/0"),
     ("rediss://user:s3cret-pw@cache.example:6380/2", "rediss://***@cache.example:6380/2"),
     ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+    ("redis://127.0.0.1:6379/0?password=s3cret-pw&db=1", "redis://127.0.0.1:6379/0?db=1"),
 ])
 def test_urls_are_shown_without_the_password(url, shown):
     assert redact_url(url) == shown

@@ -342,17 +342,32 @@ def test_redis_errors_name_the_server_never_the_password():
         assert "s3cretpw" not in msg and "127.0.0.1:1" in msg and "is Redis running" in msg, msg
     with pytest.raises(StoreError) as e:
         open_store("redis://:s3cretpw@127.0.0.1:1/0", max_attempts=3, max_deliveries=3)
-    assert "s3cretpw" not in str(e.value) and "redis://127.0.0.1:1/0" in str(e.value)
+    assert "s3cretpw" not in str(e.value) and "redis://***@127.0.0.1:1/0" in str(e.value)
 
 
 def test_redis_path_is_the_url_without_password(redis_namespace):
     from wecomctl.store import redact_url
 
     url, ns = redis_namespace
-    assert redact_url("redis://:pw@h:6380/2") == "redis://h:6380/2"
-    assert redact_url("rediss://u:pw@h/0?password=pw&ssl_cert_reqs=none") == "rediss://u@h/0?ssl_cert_reqs=none"
+    assert redact_url("redis://:pw@h:6380/2") == "redis://***@h:6380/2"
+    assert redact_url("rediss://u:pw@h/0?password=pw&ssl_cert_reqs=none") == "rediss://***@h/0?ssl_cert_reqs=none"
     assert redact_url("unix:///run/redis.sock?db=1&password=pw") == "unix:///run/redis.sock?db=1"
     assert redis_store(url, ns).path == redact_url(url)
+
+
+def test_a_typo_in_the_redis_url_is_a_clear_error_not_a_traceback(tmp_path):
+    from test_e2e import cli
+
+    from wecomctl.store import unknown_url_parameters
+
+    assert unknown_url_parameters("redis://h/0?db=1&socket_timeout=3&password=x&health_check_interval=5") == []
+    assert unknown_url_parameters("redis://h/0?namespce=spring&foo=1") == ["namespce", "foo"]
+    leads = tmp_path / "l.csv"
+    leads.write_text("phone\n13800138000\n", encoding="utf-8")
+    for command in (["status"], ["dlq", "list"], ["import", str(leads), "--campaign", "c", "--owner", "u"]):
+        proc = cli(*command, "--store", "redis://u:s3cret@127.0.0.1:6379/0?namespce=spring", check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert "unknown parameter 'namespce'" in proc.stderr and "s3cret" not in proc.stderr
 
 
 def test_redis_put_leads_is_one_script_per_thousand_leads_in_one_round_trip(redis_namespace, clock, monkeypatch):

@@ -40,9 +40,10 @@ import functools
 import os
 import uuid
 from contextlib import contextmanager
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from wecomctl.errors import SharedStateError, SharedStateUnavailable
+from wecomctl.store import redact_url, unknown_url_parameters
 
 SLOT_TTL_S = 60.0
 # State keys outlive their last use by this long (then they read as "never used").
@@ -158,25 +159,14 @@ return 1
 """
 
 
-def redact_url(url: str) -> str:
-    """The URL without its password (and without a user name that may be a token)."""
+def _password(url: str) -> str | None:
+    """The URL's password (user part or ?password=), to scrub from error messages."""
     try:
         parts = urlsplit(url)
-        if parts.password is None and parts.username is None:
-            return url
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        return urlunsplit((parts.scheme, f"***@{host}", parts.path, "", ""))
-    except ValueError:
-        return "the configured Redis URL"
-
-
-def _password(url: str) -> str | None:
-    try:
-        return urlsplit(url).password
     except ValueError:
         return None
+    given = [v for k, v in parse_qsl(parts.query) if k.lower() == "password"]
+    return parts.password or (given[-1] if given else None)
 
 
 @contextmanager
@@ -226,6 +216,10 @@ def connect(url: str, **kwargs):
                    retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
                    retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError])
     options.update(kwargs)
+    unknown = unknown_url_parameters(url)
+    if unknown:
+        raise SharedStateError(f"the Redis URL {redact_url(url)} has an unknown parameter {unknown[0]!r} "
+                               "(a typo?); redis-py knows ?db=N, ?socket_timeout=S, ?password=...")
     with translate_errors(redact_url(url), _password(url), doing="connect to"):
         try:
             return redis.Redis.from_url(url, **options)

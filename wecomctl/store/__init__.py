@@ -17,16 +17,16 @@ def is_redis_url(location: str) -> bool:
 
 
 def redact_url(url: str) -> str:
-    """The URL without its password (in the user part or a ?password= parameter)."""
+    """The URL as shown in messages and logs: without its user part (a password, or a
+    user name that may be a token: "***@host") and without a ?password= parameter. The
+    one place every Redis URL is redacted, for the store and the shared state alike."""
     try:
         parts = urlsplit(url)
     except ValueError:
-        return "<unparseable store URL>"
+        return "the configured Redis URL"
     netloc = parts.netloc
     if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}@{host}" if user else host
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
     query = parts.query
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
@@ -49,6 +49,25 @@ def _namespace(url: str) -> tuple[str, str | None]:
         return url, None
     rest = urlencode([(k, v) for k, v in pairs if k != "namespace"])
     return _join(parts.scheme, parts.netloc, parts.path, rest, parts.fragment), names[-1]
+
+
+def unknown_url_parameters(url: str) -> list[str]:
+    """Query parameters of a Redis URL that redis-py would pass on to its connection
+    class, which fails on the first command with a TypeError. Checked up front so a
+    typo (?namespce=) is a clear error. `namespace` is ours and must be taken out first."""
+    import inspect
+
+    import redis
+    import redis.connection
+
+    scheme = urlsplit(url).scheme.lower()
+    cls = {"rediss": redis.SSLConnection, "unix": redis.UnixDomainSocketConnection}.get(scheme, redis.Connection)
+    known = set(redis.connection.URL_QUERY_ARGUMENT_PARSERS)
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            known |= set(inspect.signature(init).parameters)
+    return [k for k, _ in parse_qsl(urlsplit(url).query, keep_blank_values=True) if k not in known]
 
 
 def open_store(location: str, *, max_attempts: int, max_deliveries: int, create: bool = True,

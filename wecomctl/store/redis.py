@@ -72,7 +72,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from wecomctl.errors import StoreError, Unavailable
-from wecomctl.store import redact_url
+from wecomctl.store import redact_url, unknown_url_parameters
 from wecomctl.store.base import STAGES, STATES, Failure, Leased, NewLead, PutResult
 
 # The Redis key layout's own version (not DiskStore's STORE_FORMAT: another layout).
@@ -763,6 +763,10 @@ class RedisStore:
             if key.lower() == "password":
                 password = unquote(value)
         self._secrets = [s for s in {password, unquote(password)} if s]
+        unknown = unknown_url_parameters(url)
+        if unknown:
+            raise StoreError(f"the store URL {self.path} has an unknown parameter {unknown[0]!r}; wecomctl knows "
+                             "?namespace=NAME, redis-py knows ?db=N, ?socket_timeout=S, ?password=... (a typo?)")
         try:
             self.r = redis.Redis.from_url(
                 url, decode_responses=True, socket_connect_timeout=5, socket_timeout=60,
