@@ -177,3 +177,30 @@ def test_a_wrong_secret_stops_at_once_and_the_robot_hears_of_it(tmp_path):
         assert len(messages) == 1 and "stopped" in messages[0]["content"] and "mistyped" not in messages[0]["content"]
         st = cli("status", "--check", "--config", str(bad), "--data-dir", d)
         assert st.returncode == 1
+
+
+def test_the_pause_alert_is_about_how_long_an_api_has_been_paused(tmp_path):
+    # WeCom blocks for about a minute after a 45009; a block renewed again and again is
+    # what the operator must hear about, however little of the current one is left.
+    from wecomctl.report import health
+    from wecomctl.store.disk import DiskStore
+
+    settings = cfg.load(None, str(tmp_path / "d"))
+    settings.alerts.pause_min = 10
+    store = DiskStore(str(tmp_path / "d"))
+    t0 = 1_800_000_000.0
+
+    def alerts_at(minute, paused):
+        snap = {"campaigns": {}, "pauses": {"add_by_phone": 55.0} if paused else {}}
+        snap["paused_for"] = health._paused_for(store, snap["pauses"], t0 + minute * 60)
+        return [a.key for a in health.evaluate(snap, settings)], snap["paused_for"]
+
+    try:
+        assert alerts_at(0, True) == ([], {"add_by_phone": 0.0})
+        assert alerts_at(9, True) == ([], {"add_by_phone": 540.0})  # renewed each minute
+        keys, paused_for = alerts_at(10, True)
+        assert keys == ["pause:add_by_phone"] and paused_for == {"add_by_phone": 600.0}
+        assert alerts_at(11, False) == ([], {})  # over: the next pause starts afresh
+        assert alerts_at(12, True) == ([], {"add_by_phone": 0.0})
+    finally:
+        store.close()

@@ -40,6 +40,26 @@ def throttles(settings: Settings, now: float) -> tuple[dict[str, float], dict[st
     return pauses, caps
 
 
+def _paused_for(store, pauses: dict[str, float], now: float) -> dict[str, float]:
+    """How long each paused API has been paused, as seen by the checks (a run checks every
+    15 s; `status` from cron at each invocation). WeCom blocks for about a minute after a
+    45009 and each new 45009 renews it, so what an operator needs to hear about is a
+    pause that keeps being renewed: the shared limiter holds only its end, so its start is
+    kept in the store, from the first check that saw it until one sees it over."""
+    out = {}
+    for api in APIS:
+        since = store.get_flag(f"pause_since:{api}")
+        if api not in pauses:
+            if since is not None:
+                store.set_flag(f"pause_since:{api}", None)
+            continue
+        if since is None:
+            since = now
+            store.set_flag(f"pause_since:{api}", since)
+        out[api] = round(now - since, 1)
+    return out
+
+
 def _rate(failed: int, done: int) -> float | None:
     calls = failed + done
     return round(failed / calls, 4) if calls else None
@@ -94,6 +114,7 @@ def snapshot(store, settings: Settings, now: float, campaign: str | None = None,
     }
     if with_throttles:
         data["pauses"], data["caps"] = throttles(settings, now)
+        data["paused_for"] = _paused_for(store, data["pauses"], now)
     data["alerts"] = [a.as_json() for a in evaluate(data, settings)]
     return data
 
@@ -133,9 +154,11 @@ def evaluate(snap: dict[str, Any], settings: Settings) -> list[Alert]:
                                  f"**{camp} {stage}**: {s['ready']} items waiting, the oldest for {age / 60:.0f} min; "
                                  "is `wecomctl run` running?"))
     for api, left in snap.get("pauses", {}).items():
-        if a.pause_min and left >= a.pause_min * 60:
-            out.append(Alert(f"pause:{api}", f"**{api} paused** for {left / 60:.0f} more min after WeCom's 45009 "
-                                             "(frequency limit); every worker waits"))
+        paused = snap.get("paused_for", {}).get(api, 0)
+        if a.pause_min and paused >= a.pause_min * 60:
+            out.append(Alert(f"pause:{api}", f"**{api} paused** for {paused / 60:.0f} min, {left:.0f} s more, by "
+                                             "WeCom's 45009 (frequency limit) again and again; every worker waits: "
+                                             "lower `limits` for it in the config"))
     return out
 
 
