@@ -204,3 +204,30 @@ def test_the_pause_alert_is_about_how_long_an_api_has_been_paused(tmp_path):
         assert alerts_at(12, True) == ([], {"add_by_phone": 0.0})
     finally:
         store.close()
+
+
+def _campaign(ready, done):
+    row = {"ready": ready, "delayed": 0, "leased": 0, "done": done, "dead": 0, "skipped": 0, "entered": ready + done}
+    empty = {k: 0 for k in row}
+    return {"imported": ready + done, "skipped": 0, "stages": {"add": row, "welcome": dict(empty), "writeback": dict(empty)}}
+
+
+def test_progress_shows_each_campaign_the_run_works_on_and_not_finished_ones():
+    import io
+
+    from rich.console import Console
+
+    from wecomctl.report.progress import LiveProgress, PlainProgress
+
+    out = io.StringIO()
+    plain = PlainProgress(out, interval=0)
+    plain.tick({"old": _campaign(0, 50), "spring": _campaign(10, 0)}, 1.0)
+    plain.tick({"old": _campaign(0, 50), "spring": _campaign(4, 6), "autumn": _campaign(8, 0)}, 2.0, final=True)
+    first, second = out.getvalue().splitlines()
+    assert " add: 0/10 " in first and "spring" not in first and "50" not in first  # one campaign: its own rows
+    assert "spring add: 6/10 done=6" in second and "autumn add: 0/8" in second and "old" not in second
+    screen = io.StringIO()
+    with LiveProgress(Console(file=screen, force_terminal=True, width=120)) as live:
+        live.tick({"old": _campaign(0, 50), "spring": _campaign(4, 6), "autumn": _campaign(8, 0)}, 1.0)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
+    assert "spring add" in text and "6/10" in text and "autumn add" in text and "0/8" in text and "old" not in text

@@ -201,7 +201,7 @@ def run(
     log_level: str = typer.Option("WARNING", "--log-level", help="DEBUG, INFO (one line per failed call), WARNING or ERROR."),
     log_format: str = typer.Option("text", "--log-format", help="text, or json: one object a line with ts, level, campaign, stage, lead, errcode."),
     log_file: Optional[str] = typer.Option(None, "--log-file", help="Append logs to this file instead of stderr (all processes)."),
-    show_phones: bool = typer.Option(False, "--log-phones", help="Write whole phone numbers in logs (masked as 138****8000 by default)."),
+    show_phones: bool = typer.Option(False, "--log-phones", help="Write whole phone numbers in logs (masked as +86138****8000 by default)."),
     store: Optional[str] = StoreOpt, config: Optional[str] = ConfigOpt, data_dir: Optional[str] = DataDirOpt, as_json: bool = JsonOpt,
 ):
     """Add every queued lead and send the welcome, under the configured rate limits.

@@ -1,7 +1,8 @@
 """Progress of a run, drawn by the parent from the store's counters.
 
-On a terminal: a rich live view, one bar per stage. Otherwise (cron, a file, a pipe): no
-control codes, one plain line every `interval` seconds and at the end.
+On a terminal: a rich live view, one bar per stage, per campaign when the run works on
+more than one. Otherwise (cron, a file, a pipe): no control codes, one plain line every
+`interval` seconds and at the end.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import time
 from typing import TextIO
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from wecomctl.store.base import STAGES
@@ -29,6 +31,33 @@ def totals(counts: dict) -> dict[str, dict[str, int]]:
 
 def finished(row: dict[str, int]) -> int:
     return row["done"] + row["dead"] + row["skipped"]
+
+
+def _left(row: dict[str, int]) -> int:
+    return row["ready"] + row["delayed"] + row["leased"]
+
+
+class Campaigns:
+    """Which campaigns a run's progress shows: those with work left when it started or
+    that moved since (a store keeps finished campaigns; they are not this run's news).
+    groups() is [(campaign, its rows per stage)], or [("", its rows)] for a single one."""
+
+    def __init__(self):
+        self.first: dict[str, int] = {}  # finished items per campaign at the first sight
+        self.shown: list[str] = []
+
+    def groups(self, counts: dict) -> list[tuple[str, dict[str, dict[str, int]]]]:
+        for camp, c in counts.items():
+            done = sum(finished(row) for row in c["stages"].values())
+            left = sum(_left(row) for row in c["stages"].values())
+            self.first.setdefault(camp, -1 if left else done)
+            if camp not in self.shown and (left or done != self.first[camp]):
+                self.shown.append(camp)
+        if not self.shown:
+            return [("", totals(counts))]
+        if len(self.shown) == 1:
+            return [("", totals({self.shown[0]: counts[self.shown[0]]}))]
+        return [(camp, totals({camp: counts[camp]})) for camp in self.shown if camp in counts]
 
 
 class RateMeter:
@@ -100,7 +129,7 @@ class Outlook:
 
 
 def line(stage: str, row: dict[str, int], rate: float, limit: float = 0.0, eta: str = "") -> str:
-    of = f" (limit {limit:g}/s)" if limit else ""
+    of = f" (limit {limit:g}/s)" if limit else ""  # of the API, shared by every campaign
     return (f"{stage}: {finished(row)}/{row['entered']} done={row['done']} dead={row['dead']} "
             f"skipped={row['skipped']} retrying={row['delayed']} in_flight={row['leased']} "
             f"queued={row['ready']} rate={rate:.1f}/s{of}{f' eta={eta}' if eta else ''}")
@@ -116,7 +145,8 @@ class PlainProgress:
         self.out = out
         self.interval = interval
         self.last = 0.0
-        self.meters = {s: RateMeter() for s in STAGES}
+        self.meters: dict[tuple[str, str], RateMeter] = {}
+        self.campaigns = Campaigns()
 
     def __enter__(self):
         return self
@@ -125,15 +155,17 @@ class PlainProgress:
         return False
 
     def tick(self, counts: dict, elapsed: float, final: bool = False) -> None:
-        rows = totals(counts)
-        rates = {s: self.meters[s].add(elapsed, finished(rows[s])) for s in STAGES}
+        groups = self.campaigns.groups(counts)
+        rates = {(c, s): self.meters.setdefault((c, s), RateMeter()).add(elapsed, finished(rows[s]))
+                 for c, rows in groups for s in STAGES}
         if not final and elapsed - self.last < self.interval:
             return
         self.last = elapsed
         stamp = time.strftime("%H:%M:%S")
         o = self.outlook
-        parts = " | ".join(line(s, rows[s], rates[s], o.limits.get(s, 0.0), o.eta(rows[s], rates[s]))
-                           for s in shown(STAGES, rows))
+        parts = " | ".join(line(f"{c} {s}" if c else s, rows[s], rates[c, s], o.limits.get(s, 0.0),
+                                o.eta(rows[s], rates[c, s]))
+                           for c, rows in groups for s in shown(STAGES, rows))
         paused = "".join(f" | PAUSED {api} {left:.0f}s (45009)" for api, left in o.pauses().items())
         print(f"[{stamp}] progress {elapsed:.0f}s {parts}{paused}", file=self.out, flush=True)
 
@@ -147,13 +179,12 @@ class LiveProgress:
             TextColumn("{task.fields[detail]}"), console=console,
             refresh_per_second=4,
         )
-        self.tasks = {}
-        self.meters = {s: RateMeter() for s in STAGES}
+        self.tasks: dict[tuple[str, str], int] = {}
+        self.meters: dict[tuple[str, str], RateMeter] = {}
+        self.campaigns = Campaigns()
 
     def __enter__(self):
         self.progress.__enter__()
-        for s in STAGES:
-            self.tasks[s] = self.progress.add_task(s, total=None, stage=s, detail="", visible=s != "writeback")
         self.pause_task = self.progress.add_task("", total=None, stage="", detail="", visible=False)
         return self
 
@@ -161,23 +192,36 @@ class LiveProgress:
         return self.progress.__exit__(*exc)
 
     def tick(self, counts: dict, elapsed: float, final: bool = False) -> None:
-        rows = totals(counts)
-        o = self.outlook
-        for s in STAGES:
-            row = rows[s]
-            rate = self.meters[s].add(elapsed, finished(row))
-            limit = o.limits.get(s, 0.0)
-            # Short labels: the line must fit an 80-column terminal beside the bar.
-            skipped = f"skip {row['skipped']} " if row["skipped"] else ""
-            of = f"/{limit:g}" if limit else ""
-            detail = (f"[green]ok {row['done']}[/] [red]dead {row['dead']}[/] {skipped}"
-                      f"[yellow]retry {row['delayed']}[/] calls {row['leased']} {rate:.0f}{of}/s ETA {o.eta(row, rate)}")
-            self.progress.update(self.tasks[s], total=max(row["entered"], 1), completed=finished(row), detail=detail,
-                                 visible=s != "writeback" or row["entered"] > 0)
-        pauses = o.pauses()
+        groups = self.campaigns.groups(counts)
+        wanted = [(c, s) for c, _ in groups for s in STAGES]
+        for key in [k for k in self.tasks if k not in wanted]:  # totals, once a second campaign shows up
+            self.progress.remove_task(self.tasks.pop(key))
+        if any(k not in self.tasks for k in wanted):
+            self.progress.remove_task(self.pause_task)  # the pause line stays last
+            for c, s in wanted:
+                if (c, s) not in self.tasks:
+                    label = f"{c[:14]} {s}" if c else s
+                    self.tasks[c, s] = self.progress.add_task(label, total=None, stage=escape(label), detail="")
+            self.pause_task = self.progress.add_task("", total=None, stage="", detail="", visible=False)
+        for c, rows in groups:
+            for s in STAGES:
+                self._row(c, s, rows[s], elapsed)
+        pauses = self.outlook.pauses()
         text = "  ".join(f"[bold red]PAUSED[/] {api} {left:.0f}s more (WeCom 45009; every worker waits)"
                          for api, left in pauses.items())
         self.progress.update(self.pause_task, detail=text, visible=bool(pauses))
+
+    def _row(self, c: str, s: str, row: dict[str, int], elapsed: float) -> None:
+        o = self.outlook
+        rate = self.meters.setdefault((c, s), RateMeter()).add(elapsed, finished(row))
+        limit = o.limits.get(s, 0.0)  # of the API, shared by every campaign
+        # Short labels: the line must fit an 80-column terminal beside the bar.
+        skipped = f"skip {row['skipped']} " if row["skipped"] else ""
+        of = f"/{limit:g}" if limit else ""
+        detail = (f"[green]ok {row['done']}[/] [red]dead {row['dead']}[/] {skipped}"
+                  f"[yellow]retry {row['delayed']}[/] calls {row['leased']} {rate:.0f}{of}/s ETA {o.eta(row, rate)}")
+        self.progress.update(self.tasks[c, s], total=max(row["entered"], 1), completed=finished(row),
+                             detail=detail, visible=s != "writeback" or row["entered"] > 0)
 
 
 def make_progress(console: Console, interval: float, settings=None):
