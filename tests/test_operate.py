@@ -224,10 +224,27 @@ def test_progress_shows_each_campaign_the_run_works_on_and_not_finished_ones():
     plain.tick({"old": _campaign(0, 50), "spring": _campaign(10, 0)}, 1.0)
     plain.tick({"old": _campaign(0, 50), "spring": _campaign(4, 6), "autumn": _campaign(8, 0)}, 2.0, final=True)
     first, second = out.getvalue().splitlines()
-    assert " add: 0/10 " in first and "spring" not in first and "50" not in first  # one campaign: its own rows
+    assert " add: 0/10 " in first and "spring" not in first and "done=50" not in first  # one campaign: its own
     assert "spring add: 6/10 done=6" in second and "autumn add: 0/8" in second and "old" not in second
     screen = io.StringIO()
     with LiveProgress(Console(file=screen, force_terminal=True, width=120)) as live:
         live.tick({"old": _campaign(0, 50), "spring": _campaign(4, 6), "autumn": _campaign(8, 0)}, 1.0)
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
     assert "spring add" in text and "6/10" in text and "autumn add" in text and "0/8" in text and "old" not in text
+
+
+def test_messages_show_brackets_as_written_and_unknown_campaigns_are_errors(tmp_path):
+    # rich would read "[bold]" in a file name as markup and swallow it.
+    missing = cli("import", str(tmp_path / "leads[bold].csv"), "--campaign", "c", "-d", str(tmp_path / "d"),
+                  check=False)
+    assert missing.returncode == 2 and "leads[bold].csv" in missing.stderr
+    leads = tmp_path / "l[1].csv"
+    make_leads(leads, n_valid=3, n_invalid=0, n_unknown=0, n_dupes=0)
+    imported = cli("import", str(leads), "--campaign", "[b]spring", "--owner", "u", "-d", str(tmp_path / "d"))
+    assert "l[1].csv" in imported.stdout
+    # A mistyped campaign would list, export or move nothing and look like success.
+    for command in (["export", "-o", str(tmp_path / "x.csv")], ["dlq", "list"], ["retry-dlq"],
+                    ["dlq", "export", "-o", str(tmp_path / "y.csv")], ["status"]):
+        proc = cli(*command, "--campaign", "sprnig", "-d", str(tmp_path / "d"), check=False)
+        assert proc.returncode == 2 and "no campaign 'sprnig'" in proc.stderr and "[b]spring" in proc.stderr, command
+    assert not (tmp_path / "x.csv").exists()

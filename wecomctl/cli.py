@@ -15,6 +15,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from wecomctl import config as cfg
@@ -44,7 +45,8 @@ StoreOpt = typer.Option(None, "--store", envvar="WECOMCTL_STORE",
 
 
 def _fail(exc: WecomctlError) -> None:
-    err.print(f"[red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    # Messages hold file names, URLs and cells: text, never rich markup ("leads[1].csv").
+    err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(exc.exit_code)
 
 
@@ -167,28 +169,28 @@ def import_cmd(
         rows = [(f.path, f.format, f.encoding or "", repr(f.delimiter) if f.delimiter else "", str(f.accepted),
                  str(f.rejected), str(f.skipped), str(f.blank), str(f.revived)) for f in report.files]
         if out.is_terminal:
-            t = Table(title=f"import {report.campaign}{' (dry run)' if dry_run else ''}")
+            t = Table(title=escape(f"import {report.campaign}{' (dry run)' if dry_run else ''}"))
             for col in cols:
                 t.add_column(col)
             for row in rows:
-                t.add_row(*row)
+                t.add_row(*map(escape, row))
             out.print(t)
         else:  # logs and pipes: one whole line per file, nothing cut to fit a width
             for row in rows:
                 out.print(" ".join(f"{c}={v}" for c, v in zip(cols, row)), highlight=False, markup=False)
         for reason, n in sorted(report.reasons.items(), key=lambda kv: -kv[1]):
-            out.print(f"  rejected {n}: {reason}")
+            out.print(f"  rejected {n}: {reason}", markup=False)
         for f in report.files:
             if f.title_rows:
                 out.print(f"  {f.path}: {f.title_rows} title row(s) above the header skipped", markup=False)
             if f.nul_rows:
-                out.print(f"  {f.path}: NUL bytes removed from {f.nul_rows} rows (a damaged export?)")
+                out.print(f"  {f.path}: NUL bytes removed from {f.nul_rows} rows (a damaged export?)", markup=False)
         if report.revived:
-            out.print(f"{report.revived} fixed rows replaced their dead letters and are queued again")
+            out.print(f"{report.revived} fixed rows replaced their dead letters and are queued again", markup=False)
         if report.rejects_file:
-            out.print(f"rejects written to {report.rejects_file}")
+            out.print(f"rejects written to {report.rejects_file}", markup=False)
         if report.duplicates_file:
-            out.print(f"duplicates (with the row each matched) written to {report.duplicates_file}")
+            out.print(f"duplicates (with the row each matched) written to {report.duplicates_file}", markup=False)
     raise typer.Exit(EXIT_DEAD if report.rejected else EXIT_OK)
 
 
@@ -241,11 +243,11 @@ def _print_run_summary(result, as_json: bool) -> None:
         written = f", written back {b['done']}" if b["entered"] else ""
         out.print(f"run finished in {result.elapsed:.1f}s: this run added {this['added']}, welcomed {this['welcomed']}, "
                   f"dead-lettered {this['dead']}; in all: added {a['done']}, welcomed {w['done']}{written}, "
-                  f"dead {a['dead'] + w['dead'] + b['dead']}, still queued {queued}", highlight=False)
+                  f"dead {a['dead'] + w['dead'] + b['dead']}, still queued {queued}", highlight=False, markup=False)
     # What needs a person's attention goes to stderr, with or without --json.
     if result.fatal:
         todo = result.fatal.get("todo")
-        err.print(f"[red]stopped:[/] {result.fatal['error']}{f' — {todo}' if todo else ''}. "
+        err.print(f"[red]stopped:[/] {escape(result.fatal['error'])}{escape(f' — {todo}') if todo else ''}. "
                   "Fix it, then run again; the items are still queued.", highlight=False)
     if result.interrupted and result.forced:
         err.print("stopped at once (second signal): calls in flight were cut off; their items go back to the "
@@ -253,15 +255,24 @@ def _print_run_summary(result, as_json: bool) -> None:
     elif result.interrupted:
         err.print("interrupted: in-flight calls were finished and recorded; run again to continue.")
     for e in result.worker_errors:
-        err.print(f"[yellow]warning:[/] {e}")
+        err.print(f"[yellow]warning:[/] {escape(str(e))}")
 
 
 # --- status / export / dlq ----------------------------------------------------------------
-def _open_existing(config, data_dir, store=None):
+def _open_existing(config, data_dir, store=None, campaign: Optional[str] = None):
+    """The settings and the existing store; with `campaign`, that it is in the store (a
+    typo would otherwise list, export or move nothing and look like success)."""
     from wecomctl.pipeline.worker import open_store
+    from wecomctl.store import redact_url
 
     s = _settings(config, data_dir, store)
-    return s, open_store(s, create=False)
+    opened = open_store(s, create=False)
+    if campaign is not None and campaign not in opened.campaigns():
+        where = s.run.store and redact_url(s.run.store) or s.data_dir
+        known = ", ".join(opened.campaigns()) or "none"
+        opened.close()
+        raise WecomctlError(f"no campaign {campaign!r} in {where} (campaigns: {known})")
+    return s, opened
 
 
 def status_data(counts: dict, campaign: Optional[str]) -> dict:
@@ -296,13 +307,9 @@ def status(
 
     from wecomctl.report import health
     from wecomctl.report.notify import Notifier
-    from wecomctl.store import redact_url as redact_store
 
     try:
-        s, store = _open_existing(config, data_dir, store)
-        if campaign is not None and campaign not in store.campaigns():
-            where = s.run.store and redact_store(s.run.store) or s.data_dir
-            raise WecomctlError(f"no campaign {campaign!r} in {where} (campaigns: {', '.join(store.campaigns()) or 'none'})")
+        s, store = _open_existing(config, data_dir, store, campaign)
         while True:
             data = health.snapshot(store, s, time.time(), campaign)
             if prometheus:
@@ -335,7 +342,8 @@ def _print_status(data: dict) -> None:
     import time
 
     stamp = time.strftime("%H:%M:%S", time.localtime(data["at"]))
-    out.print(f"[{stamp}] imported {data['imported']}, duplicates skipped at import {data['skipped']}", highlight=False)
+    out.print(f"[{stamp}] imported {data['imported']}, duplicates skipped at import {data['skipped']}", highlight=False,
+              markup=False)
     cols = ("ready", "delayed", "leased", "done", "dead", "skipped", "entered")
     rows = []
     for camp, c in data["campaigns"].items():
@@ -351,7 +359,7 @@ def _print_status(data: dict) -> None:
         for i, h in enumerate(heads):
             t.add_column(h.replace("_", " "), justify="left" if i < 2 else "right")
         for r in rows:
-            t.add_row(*r)
+            t.add_row(*map(escape, r))
         out.print(t)
     else:  # cron mail and logs: whole lines, nothing cut to fit a width
         for r in rows:
@@ -367,9 +375,9 @@ def _print_status(data: dict) -> None:
     for api, cap in data["caps"].items():
         out.print(f"[yellow]throttled:[/] {api} at most {cap} calls in flight (after 45033)")
     if data["fatal"]:
-        err.print(f"[red]last run stopped:[/] {data['fatal']['error']}", highlight=False)
+        err.print(f"[red]last run stopped:[/] {escape(data['fatal']['error'])}", highlight=False)
     for a in data["alerts"]:
-        out.print(f"[red]alert:[/] {a['text'].replace('**', '')}", highlight=False)
+        out.print(f"[red]alert:[/] {escape(a['text'].replace('**', ''))}", highlight=False)
 
 
 @app.command()
@@ -403,13 +411,13 @@ def export(
             raise WecomctlError(f"--format must be csv or jsonl, not {fmt!r}")
         if wanted and wanted - set(STATUSES):
             raise WecomctlError(f"--status takes {', '.join(STATUSES)}; not {', '.join(sorted(wanted - set(STATUSES)))}")
-        s, store = _open_existing(config, data_dir, store)
+        s, store = _open_existing(config, data_dir, store, campaign)
         n = do_export(rows(store.leads(campaign)), fmt, output)
         store.close()
     except WecomctlError as exc:
         _fail(exc)
     if output and output != "-":
-        err.print(f"exported {n} leads to {output}")
+        err.print(f"exported {n} leads to {output}", markup=False)
 
 
 @app.command("retry-dlq")
@@ -437,7 +445,7 @@ def retry_dlq(
 
         if kind is not None and kind not in DEAD_KINDS:
             raise WecomctlError(f"--kind must be one of {', '.join(DEAD_KINDS)}, not {kind!r}")
-        s, store = _open_existing(config, data_dir, store)
+        s, store = _open_existing(config, data_dir, store, campaign)
         n = store.requeue_dead(stage, campaign, time.time(), errcode=errcode, limit=limit, dry_run=dry_run, kind=kind)
         store.close()
     except WecomctlError as exc:
@@ -446,7 +454,7 @@ def retry_dlq(
         print(json.dumps({"moved": 0 if dry_run else n, "would_move": n if dry_run else None}))
     else:
         out.print(f"{'would move' if dry_run else 'moved'} {n} dead letters back to ready"
-                  f"{'; now run `wecomctl run`' if n and not dry_run else ''}")
+                  f"{'; now run `wecomctl run`' if n and not dry_run else ''}", markup=False)
 
 
 @app.command()
@@ -484,16 +492,18 @@ def dlq_list(
     errcode: Optional[int] = typer.Option(None, "--errcode", help="Only dead letters with this errcode."),
     store: Optional[str] = StoreOpt, config: Optional[str] = ConfigOpt, data_dir: Optional[str] = DataDirOpt, as_json: bool = JsonOpt,
 ):
-    """List dead letters: who, why (errcode, its meaning, what to do), attempts.
+    """List dead letters: when, who, why (errcode, its meaning, what to do), attempts.
 
     Example: wecomctl dlq list --stage add --json
     """
+    import time
+
     from wecomctl.report.export import dead_letters
 
     try:
         if stage not in (None, "add", "welcome", "writeback"):
             raise WecomctlError(f"--stage must be add, welcome or writeback, not {stage!r}")
-        s, store = _open_existing(config, data_dir, store)
+        s, store = _open_existing(config, data_dir, store, campaign)
         rows = list(dead_letters(store.leads(campaign), stage, errcode))
         store.close()
     except WecomctlError as exc:
@@ -505,7 +515,8 @@ def dlq_list(
     todo: dict[str, str] = {}
     for r in rows:
         code = r["errcode"] if r["errcode"] is not None else r["kind"]
-        out.print(f"{r['campaign']} {r['stage']} {r['phone']} owner={r['owner'] or '-'} {code} "
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"])) if r.get("at") else "-"
+        out.print(f"{when} {r['campaign']} {r['stage']} {r['phone']} owner={r['owner'] or '-'} {code} "
                   f"({r['meaning'] or 'unknown'}) attempts={r['attempts']}: {r['error']}", highlight=False, markup=False)
         if r["todo"]:
             todo[f"{code} {r['meaning']}"] = r["todo"]
@@ -549,13 +560,13 @@ def dlq_export(
             raise WecomctlError(f"--format must be csv or jsonl, not {fmt!r}")
         if stage not in (None, "add", "welcome", "writeback"):
             raise WecomctlError(f"--stage must be add, welcome or writeback, not {stage!r}")
-        s, store = _open_existing(config, data_dir, store)
+        s, store = _open_existing(config, data_dir, store, campaign)
         n = do_export(rows(dead_letters(store.leads(campaign), stage, errcode)), fmt, output, DLQ_COLUMNS)
         store.close()
     except WecomctlError as exc:
         _fail(exc)
     if output != "-":
-        err.print(f"exported {n} dead letters to {output}")
+        err.print(f"exported {n} dead letters to {output}", markup=False)
 
 
 @store_app.command("copy")
@@ -721,7 +732,7 @@ def main() -> None:
         err.print("interrupted")
         sys.exit(EXIT_INTERRUPTED)
     except sqlite3.DatabaseError as exc:
-        err.print(f"[red]error:[/] the store is damaged or not a wecomctl store ({exc}); "
+        err.print(f"[red]error:[/] the store is damaged or not a wecomctl store ({escape(str(exc))}); "
                   "run `wecomctl check`, or use a new --data-dir", highlight=False)
         sys.exit(EXIT_USAGE)
     except RecursionError:
