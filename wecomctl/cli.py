@@ -7,7 +7,6 @@ input; 3 stopped by a fatal API condition; 130/143 interrupted by SIGINT/SIGTERM
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import tempfile

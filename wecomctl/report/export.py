@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
-from pathlib import Path
 from typing import Any, Iterable, TextIO
 
 from wecomctl.errors import UsageError
+from wecomctl.report.files import atomic_text
 from wecomctl.store.base import STAGES
 
 COLUMNS = ["id", "campaign", "phone", "name", "owner", "external_userid", "status", "add_status",
@@ -86,18 +85,11 @@ def write(rows: Iterable[dict[str, Any]], fmt: str, out: TextIO, columns: list[s
 def export(rows: Iterable[dict[str, Any]], fmt: str, path: str | None, columns: list[str] = COLUMNS) -> int:
     if path is None or path == "-":
         return write(rows, fmt, sys.stdout, columns)
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp")
     enc = "utf-8-sig" if fmt == "csv" else "utf-8"  # Excel needs the BOM for Chinese
     try:
-        with open(tmp, "w", newline="", encoding=enc) as fh:
+        with atomic_text(path, enc) as fh:
             n = write(rows, fmt, fh, columns)
-        os.replace(tmp, target)
     except OSError as exc:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
         raise UsageError(f"cannot write {path}: {exc.strerror or exc} (does the folder exist and is it writable?)") from None
     return n
 

@@ -8,14 +8,12 @@ judge alike.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from wecomctl.config import APIS, Settings
 from wecomctl.report.progress import totals
+from wecomctl.report.files import atomic_text
 from wecomctl.store.base import STAGES
 
 ERROR_WINDOW_MIN = 5
@@ -208,13 +206,5 @@ def prometheus(snap: dict[str, Any]) -> str:
 
 def write_atomic(path: str, text: str) -> None:
     """Write beside the target and rename: a scraper never reads half a file."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent or ".", prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_text(path) as fh:
+        fh.write(text)

@@ -69,7 +69,7 @@ class Notifier:
         text = "\n".join(lines)
         while len(text.encode("utf-8")) > MAX_BYTES and len(lines) > 2:
             lines.pop(-1)
-            text = "\n".join(lines + [f"> … and more: run `wecomctl status`"])
+            text = "\n".join(lines + ["> … and more: run `wecomctl status`"])
         return text
 
     def _send(self, content: str) -> bool:
