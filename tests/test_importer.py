@@ -80,6 +80,19 @@ def test_fixed_rows_replace_their_dead_letters(tmp_path, store, clock):
     assert counts["dead"] == 0 and counts["ready"] == 2
 
 
+def test_a_row_with_only_empty_columns_added_is_the_same_row(tmp_path, store, clock):
+    # A to-fix file holding dead letters of several sources has the columns of all.
+    from wecomctl.store.base import Failure
+
+    f = write(tmp_path / "a.csv", [(NUMS[0], "x", "ghost")], ("手机号", "姓名", "负责人"))
+    Importer(store, "c").run([f])
+    store.bury(store.lease("add", 10, clock()), Failure(60111, "userid not found", "dead"), clock())
+    wider = write(tmp_path / "w.csv", [(NUMS[0], "x", "ghost", "")], ("手机号", "姓名", "负责人", "城市"))
+    assert Importer(store, "c").run([wider]).revived == 0
+    filled = write(tmp_path / "f.csv", [(NUMS[0], "x", "ghost", "北京")], ("手机号", "姓名", "负责人", "城市"))
+    assert Importer(store, "c").run([filled]).revived == 1  # a column that now says something: a fix
+
+
 def test_dry_run_counts_what_the_campaign_already_holds(tmp_path, store):
     f = write(tmp_path / "a.csv", [(NUMS[0], "x"), (NUMS[1], "y")])
     Importer(store, "c", owner="o").run([write(tmp_path / "first.csv", [(NUMS[0], "x")])])

@@ -155,8 +155,8 @@ def test_export_filters_and_dlq_export(tmp_path):
         fix = tmp_path / "fix.csv"
         cli("dlq", "export", "-o", str(fix), "--stage", "add", "--config", conf, "--data-dir", d)
         letters = list(csv.DictReader(open(fix, encoding="utf-8-sig")))
-        assert len(letters) == 12 and all(r["errcode"] == "910001" and r["todo"] for r in letters)
-        assert {r["phone"] for r in letters} == {f"+86{u}" for u in unknown}
+        assert len(letters) == 12 and all(r["dlq_errcode"] == "910001" and r["dlq_todo"] for r in letters)
+        assert {r["dlq_phone"] for r in letters} == {f"+86{u}" for u in unknown}
 
 
 def test_a_wrong_secret_stops_at_once_and_the_robot_hears_of_it(tmp_path):
@@ -248,3 +248,42 @@ def test_messages_show_brackets_as_written_and_unknown_campaigns_are_errors(tmp_
         proc = cli(*command, "--campaign", "sprnig", "-d", str(tmp_path / "d"), check=False)
         assert proc.returncode == 2 and "no campaign 'sprnig'" in proc.stderr and "[b]spring" in proc.stderr, command
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_the_to_fix_file_from_dlq_export_goes_back_in_fixed_rows_only(tmp_path):
+    # dlq export -> a person fixes some rows -> import: the fixed rows are queued again
+    # with every column the welcome uses; the rows left as they were stay dead.
+    from wecomctl.store.base import Failure
+    from wecomctl.store.disk import DiskStore
+
+    d = str(tmp_path / "d")
+    leads = tmp_path / "l.csv"
+    with open(leads, "w", encoding="utf-8", newline="") as fh:
+        csv.writer(fh).writerows([("手机号", "姓名", "负责人", "城市"), ("13800138001", "张三", "ghost", "北京"),
+                                  ("13800138002", "李四", "ghost", "上海"), ("13800138003", "王五", "lisi", "广州")])
+    cli("import", str(leads), "--campaign", "c", "-d", d)
+    store = DiskStore(d)
+    for _ in range(2):  # the two with an owner WeCom does not know die
+        item = store.lease("add", 30, 1.0)
+        store.bury(item, Failure(60111, "invalid userid", "dead"), 1.0)
+    store.close()
+    to_fix = tmp_path / "to-fix.csv"
+    cli("dlq", "export", "-o", str(to_fix), "-d", d)
+    with open(to_fix, encoding="utf-8-sig") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["城市"] for r in rows] == ["北京", "上海"] and rows[0]["dlq_errcode"] == "60111"
+    assert rows[0]["dlq_todo"] and rows[0]["负责人"] == "ghost"
+    same = json.loads(cli("import", str(to_fix), "--campaign", "c", "-d", d, "--json").stdout)
+    assert (same["revived"], same["skipped"]) == (0, 2)  # nothing fixed, nothing comes back
+    rows[1]["负责人"] = "zhangsan"  # the person fixes one row
+    with open(to_fix, "w", encoding="utf-8-sig", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    fixed = json.loads(cli("import", str(to_fix), "--campaign", "c", "-d", d, "--json").stdout)
+    assert (fixed["revived"], fixed["skipped"]) == (1, 1)
+    store = DiskStore(d)
+    lead = store.lead(store.find_phone("c", "+8613800138002"))
+    store.close()
+    assert lead["owner"] == "zhangsan" and lead["add"]["state"] == "ready"
+    assert lead["fields"] == {"手机号": "13800138002", "姓名": "李四", "负责人": "zhangsan", "城市": "上海"}

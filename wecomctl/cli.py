@@ -539,20 +539,7 @@ def dlq_export(
 
     Example: wecomctl dlq export -o to-fix.csv --stage add
     """
-    from wecomctl.report.export import DLQ_COLUMNS, dead_letters, export as do_export, mask
-
-    def rows(letters):
-        import time
-
-        from wecomctl.logs import mask_phone
-
-        for r in letters:
-            if mask_phones:
-                r["phone"] = mask(r["phone"])
-                r["error"] = mask_phone(r["error"] or "")  # a receiver may echo the number
-            if r.get("at"):
-                r["at"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"]))
-            yield r
+    from wecomctl.report.export import dead_letters, export as do_export, to_fix
 
     try:
         if fmt not in ("csv", "jsonl"):
@@ -560,7 +547,8 @@ def dlq_export(
         if stage not in (None, "add", "welcome", "writeback"):
             raise WecomctlError(f"--stage must be add, welcome or writeback, not {stage!r}")
         s, store = _open_existing(config, data_dir, store, campaign)
-        n = do_export(rows(dead_letters(store.leads(campaign), stage, errcode)), fmt, output, DLQ_COLUMNS)
+        columns, rows = to_fix(dead_letters(store.leads(campaign), stage, errcode), mask_phones)
+        n = do_export(rows, fmt, output, columns)
         store.close()
     except WecomctlError as exc:
         _fail(exc)

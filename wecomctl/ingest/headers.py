@@ -33,6 +33,9 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "tags": ("标签", "客户标签", "tag", "tags", "label", "labels"),
 }
 ROLES = ("phone", "name", "owner", "remark", "tags")
+# Columns `wecomctl dlq export` adds beside a lead's own: what died and why. A fixed
+# to-fix file imported again is read without them, so an unchanged row is the same row.
+DLQ_PREFIX = "dlq_"
 FLAGGED = ("phone", "name", "owner")  # roles with a --ROLE-column override
 _KEYS = {role: {header_key(alias) for alias in names} for role, names in ALIASES.items()}
 

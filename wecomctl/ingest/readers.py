@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from wecomctl.errors import InputError
 from wecomctl.ingest import csvfile, jsonfile, xlsxfile
 from wecomctl.ingest.encoding import SAMPLE, Encoding, LineDecoder, decode_sample, detect, from_override, text_chunks
-from wecomctl.ingest.headers import ColumnError, MissingPhone, resolve_columns, role_of, unique_headers
+from wecomctl.ingest.headers import DLQ_PREFIX, ColumnError, MissingPhone, resolve_columns, role_of, unique_headers
 from wecomctl.ingest.model import Blank, Lead, Reject
 from wecomctl.ingest.phones import PhoneRejected, normalise_mobile
 from wecomctl.ingest.text import clean_cell, header_key
@@ -52,6 +52,7 @@ class LeadFile:
         self.nul_rows = 0  # rows NUL bytes were removed from (counted while reading)
         self.title_rows = 0  # non-blank rows above the header (a report title), skipped
         self._header_at = -1  # index of the header among the table's rows
+        self._dlq_columns: list[str] = []  # a to-fix file from `dlq export`: its dlq_ columns
         self._enc: Encoding | None = None
         self._sniff()
 
@@ -190,6 +191,7 @@ class LeadFile:
         except ColumnError as exc:
             raise InputError(f"{self.path}{where}: {exc}") from None
         self.headers = headers
+        self._dlq_columns = [h for h in headers if h.startswith(DLQ_PREFIX)]
 
     def _override_hint(self) -> str:
         o = self.options
@@ -302,6 +304,8 @@ class LeadFile:
                 return Blank(self.path, n)
             undecodable = any("\ufffd" in v for v in fields.values())
             raw = record.get(columns["phone"], "").replace("\x00", "")
+        for key in self._dlq_columns:
+            fields.pop(key, None)
         if undecodable:
             return Reject(self.path, n, raw, f"undecodable text: this row has bytes that are not {self.encoding}; "
                                              "re-save the file as CSV UTF-8 or pass --encoding")

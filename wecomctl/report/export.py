@@ -102,7 +102,8 @@ class _Kind:
 # Dead letters that have no errcode: what they mean and what to do.
 KINDS = {
     "invalid": _Kind("the welcome cannot be built for this lead (no call was made)",
-                     "fix welcome.text or the lead's columns, re-import the fixed rows, then run"),
+                     "fixed the welcome text in the config: retry-dlq --kind invalid, then run; "
+                     "fixed the lead's columns: re-import the fixed rows (dlq export gives a to-fix file), then run"),
     "poison": _Kind("a worker died every time it took this item",
                     "look for a crash in the logs, then retry-dlq and run"),
     "network": _Kind("WeCom or the gateway could not be reached",
@@ -152,4 +153,30 @@ def dead_letters(leads: Iterable[dict[str, Any]], stage: str | None = None,
                 "attempts": s.get("calls", s.get("attempts", 0)),  # calls made, as in export
                 "meaning": info.meaning if info else None, "todo": info.note if info else None,
                 "at": s.get("at"), "source": lead.get("source"), "row": lead.get("row"),
+                "fields": lead.get("fields") or {},
             }
+
+
+def to_fix(letters: Iterable[dict[str, Any]], mask_phones: bool = False) -> tuple[list[str], list[dict[str, Any]]]:
+    """The dead letters as a file a person fixes and imports again: each lead's own columns
+    as it was imported (so the fixed file has every column the welcome text uses), then
+    what died and why in dlq_ columns, which the import leaves out. An unchanged row
+    imported again is the same row and stays dead; a fixed one is queued again."""
+    import time
+
+    from wecomctl.ingest.headers import DLQ_PREFIX
+    from wecomctl.logs import mask_phone
+
+    own: dict[str, None] = {}  # the leads' columns, in the order first seen
+    rows = []
+    for r in letters:
+        fields = dict(r.pop("fields"))
+        if mask_phones:
+            r["phone"] = mask(r["phone"])
+            r["error"] = mask_phone(r["error"] or "")  # a receiver may echo the number
+            fields = {k: mask_phone(v) if isinstance(v, str) else v for k, v in fields.items()}
+        if r.get("at"):
+            r["at"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"]))
+        own.update(dict.fromkeys(fields))
+        rows.append({**fields, **{DLQ_PREFIX + k: r.get(k) for k in DLQ_COLUMNS}})
+    return [*own, *(DLQ_PREFIX + k for k in DLQ_COLUMNS)], rows

@@ -73,6 +73,12 @@ def _alive(pid: int) -> bool:
 
 
 
+def _filled(fields: dict | None) -> dict:
+    """A lead's columns that hold something: whether a re-imported row is a fix does not
+    depend on empty columns (a to-fix file from several sources has the columns of all)."""
+    return {k: v for k, v in (fields or {}).items() if v not in ("", None)}
+
+
 def _stage_record(state: str | None, qkey: str | None, now: float) -> dict[str, Any]:
     """A lead's record of one stage, as it starts."""
     return dict(zip(STAGE_KEYS, new_stage(state, qkey, now)))
@@ -298,7 +304,7 @@ class DiskStore:
         stage = next((st for st in ("add", "welcome") if (lead.get(st) or {}).get("state") == "dead"), None)
         if stage is None:
             return False
-        if (lead.get("name"), lead.get("owner"), lead.get("fields")) == (nl.name, nl.owner, nl.fields):
+        if (lead.get("name"), lead.get("owner"), _filled(lead.get("fields"))) == (nl.name, nl.owner, _filled(nl.fields)):
             return False  # the same row again, not a fix: it would only die again
         lead.update(name=nl.name, owner=nl.owner, fields=nl.fields, source=nl.source, row=nl.row)
         self._move(c, lead, stage, "ready", now, attempts=0, deliveries=0, errcode=None, error=None, kind=None)

@@ -303,6 +303,21 @@ end
 local phones = P .. 'phones:' .. camp
 -- A fixed row re-imported over its dead letter replaces the lead's data and queues the
 -- stage that died again (the welcome ledger still guards greetings).
+-- Two leads' columns (JSON objects) hold the same, empty columns aside (as DiskStore's
+-- _filled): a to-fix file from several sources has the columns of all.
+local function same_filled(a, b)
+  if a == b then return true end
+  if not a or not b then return false end
+  local x, y = cjson.decode(a), cjson.decode(b)
+  if type(x) ~= 'table' or type(y) ~= 'table' then return false end
+  for key, v in pairs(x) do
+    if v ~= '' and v ~= cjson.null and y[key] ~= v then return false end
+  end
+  for key, v in pairs(y) do
+    if v ~= '' and v ~= cjson.null and x[key] ~= v then return false end
+  end
+  return true
+end
 local function revive(lid, b)
   local k = lkey(lid)
   local stage = nil
@@ -311,7 +326,7 @@ local function revive(lid, b)
   end
   if not stage then return false end
   local h = redis.call('HMGET', k, 'name', 'owner', 'fields')
-  if h[1] == ARGV[b + 1] and h[2] == ARGV[b + 2] and h[3] == ARGV[b + 3] then
+  if h[1] == ARGV[b + 1] and h[2] == ARGV[b + 2] and same_filled(h[3], ARGV[b + 3]) then
     return false  -- the same row again, not a fix: it would only die again
   end
   redis.call('HSET', k, 'name', ARGV[b + 1], 'owner', ARGV[b + 2], 'fields', ARGV[b + 3],
