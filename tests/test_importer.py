@@ -72,6 +72,8 @@ def test_fixed_rows_replace_their_dead_letters(tmp_path, store, clock):
     same = Importer(store, "c").run([f])  # the unchanged file again: nothing comes back
     assert same.revived == 0 and same.skipped == 2
     fixed = write(tmp_path / "fixed.csv", [(NUMS[0], "x", "b"), (NUMS[1], "y", "a")], ("手机号", "姓名", "负责人"))
+    dry = Importer(store, "c", dry_run=True).run([fixed])  # the dry run says what the import will do
+    assert (dry.revived, dry.skipped, dry.accepted) == (1, 1, 0)
     rep = Importer(store, "c").run([fixed])
     assert rep.revived == 1 and rep.skipped == 1 and rep.accepted == 0
     lead = store.lead(item.id)

@@ -22,7 +22,7 @@ from wecomctl.faults import crash_point
 from wecomctl.ingest.model import Blank, Lead, Reject
 from wecomctl.ingest.readers import ReadOptions, open_lead_file
 from wecomctl.pipeline.template import missing_fields, variables
-from wecomctl.store.base import NewLead
+from wecomctl.store.base import NewLead, revivable_stage
 
 # Leads per store transaction. Bigger batches dirty each page of the dedupe index once
 # for many leads: at 1M rows, 10,000 per batch took the store's share from 58 s to 40 s.
@@ -173,6 +173,10 @@ class Importer:
                     self._duplicate(nl, *self._seen[nl.phone])
                 elif earlier is not None:
                     first = self.store.lead(earlier) or {}
+                    if revivable_stage(first, nl):
+                        self._seen[nl.phone] = (nl.source, nl.row)
+                        fr.revived += 1  # a fixed row over its dead letter: it would be queued again
+                        continue
                     fr.skipped += 1
                     self._duplicate(nl, first.get("source", ""), first.get("row", ""))
                 else:

@@ -108,3 +108,24 @@ class Store(Protocol):
     def get_flag(self, name: str) -> Any: ...
     def set_flag(self, name: str, value: Any) -> None: ...
     def close(self) -> None: ...
+
+
+def _filled(fields: dict | None) -> dict:
+    """A lead's columns that hold something: whether a re-imported row is a fix does not
+    depend on empty columns (a to-fix file from several sources has the columns of all)."""
+    return {k: v for k, v in (fields or {}).items() if v not in ("", None)}
+
+
+def revivable_stage(lead: dict | None, nl: "NewLead") -> str | None:
+    """The stage a re-imported row brings back: the one its lead died in, when the row is
+    a fix (another name, owner or column) and not the same row again, which would only
+    die again. DiskStore and the import's dry run judge with this; RedisStore's put
+    script does the same in Lua."""
+    if lead is None:
+        return None
+    stage = next((st for st in ("add", "welcome") if (lead.get(st) or {}).get("state") == "dead"), None)
+    if stage is None:
+        return None
+    if (lead.get("name"), lead.get("owner"), _filled(lead.get("fields"))) == (nl.name, nl.owner, _filled(nl.fields)):
+        return None
+    return stage

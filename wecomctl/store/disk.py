@@ -51,6 +51,7 @@ from wecomctl.store.base import (
     Leased,
     NewLead,
     PutResult,
+    revivable_stage,
 )
 from wecomctl.store.leadcodec import STAGE_KEYS, new_stage, pack, pack_new, unpack
 
@@ -71,12 +72,6 @@ def _alive(pid: int) -> bool:
         return True
     return True
 
-
-
-def _filled(fields: dict | None) -> dict:
-    """A lead's columns that hold something: whether a re-imported row is a fix does not
-    depend on empty columns (a to-fix file from several sources has the columns of all)."""
-    return {k: v for k, v in (fields or {}).items() if v not in ("", None)}
 
 
 def _stage_record(state: str | None, qkey: str | None, now: float) -> dict[str, Any]:
@@ -299,13 +294,9 @@ class DiskStore:
         """A fixed row re-imported over its dead letter replaces the lead's data and
         queues the stage that died again (the welcome ledger still guards greetings)."""
         lead = self._load(lead_id)
-        if lead is None:
-            return False
-        stage = next((st for st in ("add", "welcome") if (lead.get(st) or {}).get("state") == "dead"), None)
+        stage = revivable_stage(lead, nl)
         if stage is None:
             return False
-        if (lead.get("name"), lead.get("owner"), _filled(lead.get("fields"))) == (nl.name, nl.owner, _filled(nl.fields)):
-            return False  # the same row again, not a fix: it would only die again
         lead.update(name=nl.name, owner=nl.owner, fields=nl.fields, source=nl.source, row=nl.row)
         self._move(c, lead, stage, "ready", now, attempts=0, deliveries=0, errcode=None, error=None, kind=None)
         return True
