@@ -36,6 +36,16 @@ def test_round_robin_owners_are_the_same_after_an_interrupted_import(tmp_path, s
     fresh.close()
 
 
+def test_owners_match_staff_userids_whatever_their_case(tmp_path, store):
+    # WeCom ignores case in userids; the config's spelling is what is stored.
+    f = write(tmp_path / "o.csv", [(NUMS[0], "x", "LISI"), (NUMS[1], "y", "ZhangSan")], ("手机号", "姓名", "负责人"))
+    rep = Importer(store, "c", staff=["zhangsan", "lisi"]).run([f])
+    assert rep.accepted == 2 and owners(store) == [("+86" + NUMS[0], "lisi"), ("+86" + NUMS[1], "zhangsan")]
+    g = write(tmp_path / "p.csv", [(NUMS[2], "z")])
+    Importer(store, "c", owner="LiSi", staff=["zhangsan", "lisi"]).run([g])
+    assert owners(store)[-1] == ("+86" + NUMS[2], "lisi")
+
+
 def test_unknown_owner_is_a_reject_and_bad_owner_flag_an_error(tmp_path, store):
     f = write(tmp_path / "o.csv", [(NUMS[0], "x", "zhangsan"), (NUMS[1], "y", "ghost")], ("手机号", "姓名", "负责人"))
     rep = Importer(store, "c", staff=["zhangsan"], rejects_dir=str(tmp_path / "r")).run([f])

@@ -95,8 +95,10 @@ class Importer:
         self.on_progress = on_progress  # (file, rows read so far), every PROGRESS_EVERY rows
         # None: read in a child process when the files are big enough to gain from it
         self.reader_process = reader_process
-        if owner and self.staff and owner not in self.staff:
-            raise InputError(f"--owner {owner} is not in `staff:` of the config ({', '.join(self.staff)})")
+        if owner and self.staff:
+            if _staff_spelling(self.staff).get(owner.lower()) is None:
+                raise InputError(f"--owner {owner} is not in `staff:` of the config ({', '.join(self.staff)})")
+            self.owner = _staff_spelling(self.staff)[owner.lower()]
         self._seen: dict[str, tuple[str, int]] = {}  # dry run: phone -> (file, row)
 
     def _check_file(self, lf) -> None:
@@ -202,6 +204,13 @@ class Importer:
         return Path(self.rejects_dir) / f"{kind}-{safe}-{stamp}.csv"
 
 
+def _staff_spelling(staff: list[str]) -> dict[str, str]:
+    """Each staff userid by its lower case: WeCom ignores case in userids (ZhangSan and
+    zhangsan are one member), so an owner column's spelling is matched without it and
+    the config's spelling is what is stored and sent."""
+    return {s.lower(): s for s in staff}
+
+
 def _size(path: str) -> int:
     try:
         return os.path.getsize(path)
@@ -227,6 +236,7 @@ class Reading:
     def __init__(self, files: list, owner: str | None, staff: list[str], rejects_path: Path | None,
                  batch: int = BATCH):
         self.files, self.owner, self.staff, self.rejects_path = files, owner, staff, rejects_path
+        self._spelling = _staff_spelling(staff)
         self.batch = batch  # carried to a child process, which imports this module afresh
 
     def events(self) -> Iterator[tuple]:
@@ -274,8 +284,12 @@ class Reading:
             owner = self.staff[(position - 1) % len(self.staff)]
         if owner is None:
             return None, "no owner: the file has no owner column; pass --owner USERID or set `staff:` in the config"
-        if self.staff and owner not in self.staff:
-            return None, f"unknown owner: {owner} is not in `staff:` of the config (left the company? fix the owner column)"
+        if self.staff:
+            known = self._spelling.get(owner.lower())
+            if known is None:
+                return None, (f"unknown owner: {owner} is not in `staff:` of the config "
+                              "(left the company? fix the owner column)")
+            owner = known
         return owner, None
 
     def in_child(self) -> Iterator[tuple]:

@@ -128,7 +128,8 @@ def _why_not_mobile(number: phonenumbers.PhoneNumber) -> str:
         # Mainland mobiles: 11 digits starting with 1. Say which rule failed.
         kind = phonenumbers.number_type(number)
         if phonenumbers.is_valid_number(number) and kind in _TYPE_NAMES:  # e.g. 010 landlines
-            return f"not a mobile number: {nsn} ({_TYPE_NAMES[kind]}; only mobiles can be added)"
+            shown = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.NATIONAL)  # 010 1234 5678
+            return f"not a mobile number: {shown} ({_TYPE_NAMES[kind]}; only mobiles can be added)"
         mobile_like = nsn.startswith("1")  # landlines with area codes 10 are caught above
         if mobile_like and len(nsn) < 11:
             return f"too short: {nsn} ({len(nsn)} digits; a mainland mobile has 11 after +86)"
