@@ -131,8 +131,8 @@ def evaluate(snap: dict[str, Any], settings: Settings) -> list[Alert]:
     out: list[Alert] = []
     if a.fatal and snap.get("fatal"):
         f = snap["fatal"]
-        todo = f" — {f['todo']}" if f.get("todo") else ""
-        out.append(Alert("fatal", f"**stopped**: {f['error']}{todo}. Items are still queued; fix it and run again."))
+        todo = f" — {f['todo'].rstrip('. ')}" if f.get("todo") else "; fix it and run again"
+        out.append(Alert("fatal", f"**stopped**: {f['error'].rstrip('. ')}{todo}. The items are still queued."))
     for camp, c in snap["campaigns"].items():
         for stage, s in c["stages"].items():
             if a.dlq_growth and s["new_dead"] >= a.dlq_growth:
