@@ -309,6 +309,9 @@ def status(
 
     try:
         s, store = _open_existing(config, data_dir, store, campaign)
+        if notify and not s.robot_key():
+            err.print(f"warning: --notify sends nothing: no robot key (set ${s.alerts.robot_key_env or 'WECOMCTL_ROBOT_KEY'} "
+                      "to the key= part of the group robot's webhook URL)", markup=False)
         while True:
             data = health.snapshot(store, s, time.time(), campaign)
             if prometheus:

@@ -82,8 +82,11 @@ class Notifier:
             log.warning("could not send an alert to the group robot at %s: %s", url, type(exc).__name__)
             return False
         if data.get("errcode") != 0:
-            log.warning("the group robot at %s refused an alert: errcode %s %s", url, data.get("errcode"),
-                        data.get("errmsg"))
+            where = (f"${self.settings.alerts.robot_key_env}" if self.settings.alerts.robot_key_env
+                     else "alerts.robot_key")
+            log.warning("the group robot at %s refused an alert: errcode %s %s (is the robot's key in %s right? "
+                        "it is the key= part of the webhook URL shown in the group's robot settings)",
+                        url, data.get("errcode"), data.get("errmsg"), where)
             return False
         return True
 
