@@ -92,6 +92,26 @@ def test_fixed_rows_replace_their_dead_letters(tmp_path, store, clock):
     assert counts["dead"] == 0 and counts["ready"] == 2
 
 
+def test_a_file_holding_a_dead_phone_twice_revives_nothing_when_imported_again(tmp_path, store, clock):
+    # The two rows differ (another name): judging each against the lead made the lead
+    # flip between them and go back to the queue on every import.
+    from wecomctl.store.base import Failure
+
+    f = write(tmp_path / "d.csv", [(NUMS[0], "张三"), (NUMS[1], "李四"), ("+86 " + NUMS[0], "张三丰")])
+    Importer(store, "c", owner="o").run([f])
+    store.bury(store.lease("add", 10, clock()), Failure(60111, "userid not found", "dead"), clock())
+    for _ in range(3):
+        dry = Importer(store, "c", owner="o", dry_run=True).run([f])
+        rep = Importer(store, "c", owner="o").run([f])
+        assert (rep.revived, rep.skipped) == (0, 3) and (dry.revived, dry.skipped) == (0, 3)
+    lead = store.lead(store.find_phone("c", "+86" + NUMS[0]))
+    assert lead["name"] == "张三" and lead["add"]["state"] == "dead"
+    # A fix in a file of its own still brings it back, once.
+    fix = write(tmp_path / "fix.csv", [(NUMS[0], "张三"), (NUMS[0], "张三")], ("手机号", "姓名"))
+    assert Importer(store, "c", owner="p").run([fix]).revived == 1
+    assert store.lead(lead["id"])["owner"] == "p"
+
+
 def test_a_row_with_only_empty_columns_added_is_the_same_row(tmp_path, store, clock):
     # A to-fix file holding dead letters of several sources has the columns of all.
     from wecomctl.store.base import Failure

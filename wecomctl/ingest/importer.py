@@ -13,6 +13,7 @@ import os
 import signal
 import time
 import traceback
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +101,10 @@ class Importer:
                 raise InputError(f"--owner {owner} is not in `staff:` of the config ({', '.join(self.staff)})")
             self.owner = _staff_spelling(self.staff)[owner.lower()]
         self._seen: dict[str, tuple[str, int]] = {}  # dry run: phone -> (file, row)
+        # Names this import to the store: within it only the first row for a phone may
+        # revive that phone's dead letter (a file holding a phone twice must not flip the
+        # lead between its two rows on every import).
+        self._import_id = uuid.uuid4().hex
 
     def _check_file(self, lf) -> None:
         """Refuse a table file whose every row would be rejected for the same reason."""
@@ -175,6 +180,8 @@ class Importer:
                     self._duplicate(nl, *self._seen[nl.phone])
                 elif earlier is not None:
                     first = self.store.lead(earlier) or {}
+                    # Later rows for this phone are duplicates of this one, as in the import.
+                    self._seen[nl.phone] = (first.get("source", ""), first.get("row", ""))
                     if revivable_stage(first, nl):
                         self._seen[nl.phone] = (nl.source, nl.row)
                         fr.revived += 1  # a fixed row over its dead letter: it would be queued again
@@ -185,7 +192,7 @@ class Importer:
                     self._seen[nl.phone] = (nl.source, nl.row)
                     fr.accepted += 1
             return
-        res = self.store.put_leads(self.campaign, batch, self.clock())
+        res = self.store.put_leads(self.campaign, batch, self.clock(), self._import_id)
         crash_point("import.after_batch", self.data_dir)
         fr.accepted += res.accepted
         fr.revived += res.revived

@@ -120,6 +120,7 @@ class DiskStore:
         self._create_tables()
         self._lease_seq = 0
         self._seq_lock = threading.Lock()
+        self._judged: dict[str, set[int]] = {}  # per import: dead leads a row was judged against
 
     # -- plumbing ---------------------------------------------------------------
     @contextmanager
@@ -236,7 +237,7 @@ class DiskStore:
         self._save(lead)
 
     # -- import -------------------------------------------------------------------
-    def put_leads(self, campaign: str, leads: list[NewLead], now: float) -> PutResult:
+    def put_leads(self, campaign: str, leads: list[NewLead], now: float, import_id: str | None = None) -> PutResult:
         res = PutResult()
         # An import writes a lot: let this connection's WAL grow to ~80 MB between
         # checkpoints (each one fsyncs); at 1M rows that took the commits from 17 s to 10 s.
@@ -254,7 +255,7 @@ class DiskStore:
             for nl in leads:
                 first = known.get(nl.phone)
                 if first is not None:
-                    if self._revive(c, first, nl, now):
+                    if self._revive(c, first, nl, now, import_id):
                         res.revived += 1
                         continue
                     res.duplicates.append((nl, first))
@@ -290,10 +291,19 @@ class DiskStore:
                 f"SELECT phone, id FROM lead WHERE campaign = ? AND phone IN ({marks})", [campaign, *chunk]))
         return found
 
-    def _revive(self, c, lead_id: int, nl: NewLead, now: float) -> bool:
+    def _revive(self, c, lead_id: int, nl: NewLead, now: float, import_id: str | None = None) -> bool:
         """A fixed row re-imported over its dead letter replaces the lead's data and
-        queues the stage that died again (the welcome ledger still guards greetings)."""
+        queues the stage that died again (the welcome ledger still guards greetings).
+        Within one import only the first row for a dead lead is judged: a file holding
+        the phone twice must not revive it again on every import."""
         lead = self._load(lead_id)
+        if lead is None or not any((lead.get(st) or {}).get("state") == "dead" for st in ("add", "welcome")):
+            return False
+        if import_id is not None:
+            judged = self._judged.setdefault(import_id, set())  # dead leads only: small
+            if lead_id in judged:
+                return False
+            judged.add(lead_id)
         stage = revivable_stage(lead, nl)
         if stage is None:
             return False

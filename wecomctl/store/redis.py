@@ -42,6 +42,9 @@ so the store needs a standalone Redis, not a cluster):
                                  qkey "lease:{stage}:{id}:{token}"
   ledger:welcome:{campaign}:{euid}  JSON {"lead", "at"}: a customer greeted in that campaign
   flag:{name}                    JSON value of a run-wide flag (fatal stop, ...)
+  import:{import id}             SET of dead lead ids a row of that import was judged
+                                 against (only the first row for a phone may revive its
+                                 lead); EXPIRE a day
 
 Lease tokens are "{hostname}-{pid}-{n}": workers on several hosts share one Redis, and a
 pid only means something on its own host (see `reclaim`).
@@ -293,10 +296,12 @@ local function back_to_ready(stage, kind, member, now)
 end
 """
 
-# ARGV: P, campaign, campaign JSON, now, count, then per lead: phone, name, owner, fields,
-# source, row (JSON). Returns {accepted, revived, {index, original id, ...}}.
+# ARGV: P, campaign, campaign JSON, now, count, import id ('' for none), then per lead:
+# phone, name, owner, fields, source, row (JSON). Returns {accepted, revived, {index,
+# original id, ...}}. import:{id} holds the dead leads a row of that import was judged
+# against (a day, then it expires): only the first row for a phone may revive it.
 _PUT = r"""
-local camp, campj, now, n = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local camp, campj, now, n, import_id = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
 if not redis.call('LPOS', P .. 'campaigns', camp) then
   redis.call('RPUSH', P .. 'campaigns', camp)
 end
@@ -325,6 +330,11 @@ local function revive(lid, b)
     if dec(redis.call('HGET', k, st .. '.state')) == 'dead' then stage = st break end
   end
   if not stage then return false end
+  if import_id ~= '' then
+    local judged = P .. 'import:' .. import_id
+    if redis.call('SADD', judged, lid) == 0 then return false end
+    redis.call('EXPIRE', judged, 86400)
+  end
   local h = redis.call('HMGET', k, 'name', 'owner', 'fields')
   if h[1] == ARGV[b + 1] and h[2] == ARGV[b + 2] and same_filled(h[3], ARGV[b + 3]) then
     return false  -- the same row again, not a fix: it would only die again
@@ -338,14 +348,14 @@ end
 local known = {}  -- phone -> id: a string for the leads already stored (HMGET, one call)
 if n > 0 then
   local ph = {}
-  for i = 0, n - 1 do ph[#ph + 1] = ARGV[6 + i * 6] end
+  for i = 0, n - 1 do ph[#ph + 1] = ARGV[7 + i * 6] end
   local ids = redis.call('HMGET', phones, unpack(ph))
   for i, id in ipairs(ids) do if id then known[ph[i]] = id end end
 end
 local seq = tonumber(redis.call('GET', P .. 'seq') or '0')
 local new, dups, revived = {}, {}, 0
 for i = 0, n - 1 do
-  local b = 6 + i * 6
+  local b = 7 + i * 6
   local phone = ARGV[b]
   local first = known[phone]
   if first and type(first) == 'string' and revive(first, b) then
@@ -873,7 +883,7 @@ class RedisStore:
         return f"{self._host}-{os.getpid()}-{n}"
 
     # -- import -------------------------------------------------------------------
-    def put_leads(self, campaign: str, leads: list[NewLead], now: float) -> PutResult:
+    def put_leads(self, campaign: str, leads: list[NewLead], now: float, import_id: str | None = None) -> PutResult:
         """One script per 1,000 leads, all of them in one MULTI/EXEC: one round trip, and
         the whole call applies at once as DiskStore's one transaction does."""
         res = PutResult()
@@ -882,7 +892,7 @@ class RedisStore:
             pipe = self.r.pipeline(transaction=True)
             for start in range(0, max(len(leads), 1), PUT_BATCH):  # an empty batch still lists the campaign
                 chunk = leads[start:start + PUT_BATCH]
-                args: list[Any] = [campaign, _j(campaign), nowj, len(chunk)]
+                args: list[Any] = [campaign, _j(campaign), nowj, len(chunk), import_id or ""]
                 for nl in chunk:
                     args += [nl.phone, _j(nl.name), _j(nl.owner), _j(nl.fields), _j(nl.source), _j(nl.row)]
                 self._run("put", *args, client=pipe)
