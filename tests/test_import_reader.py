@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from wecomctl.errors import InputError
+from wecomctl.errors import InputError, UsageError
 from wecomctl.ingest import importer as importer_mod
 from wecomctl.ingest.importer import Importer
 from wecomctl.store.disk import DiskStore
@@ -140,5 +140,82 @@ def test_a_file_broken_mid_way_is_the_same_clear_error_on_both_paths(tmp_path, r
         assert stored > 300
         assert f"the {stored:,} leads read before it are queued" in str(raised.value)
         assert "run the same import again" in str(raised.value)
+    finally:
+        store.close()
+
+
+def test_a_reader_that_dies_part_way_through_a_batch_is_the_same_clear_error(tmp_path, monkeypatch):
+    # Killed while sending, the child leaves half a message: recv raises OSError, not EOF.
+    from multiprocessing.connection import Connection
+
+    path = messy_csv(tmp_path / "a.csv", 2000)
+
+    def cut_off(self):
+        raise OSError("got end of file during message")
+
+    monkeypatch.setattr(Connection, "recv", cut_off)
+    store = DiskStore(str(tmp_path / "d"))
+    try:
+        with pytest.raises(InputError, match=r"stopped unexpectedly.*the 0 leads read before are queued") as raised:
+            Importer(store, "c", staff=["zhangsan", "lisi"], reader_process=True).run([path])
+        assert "fix the file" not in str(raised.value)  # nothing is wrong with the file
+    finally:
+        store.close()
+    assert multiprocessing.active_children() == []
+
+
+@pytest.mark.parametrize("reader_process", [False, True])
+def test_a_file_gone_or_nested_too_deeply_is_a_clear_error_on_both_paths(tmp_path, reader_process):
+    first = messy_csv(tmp_path / "a.csv", 3000)
+    gone = messy_csv(tmp_path / "gone.csv", 10)
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"phone": "13800138000"}\n' + '{"p": ' + "[" * 100_000 + "]" * 100_000 + "}\n", encoding="utf-8")
+
+    def delete_when_reading_the_first(_path, rows):
+        if os.path.exists(gone):
+            os.unlink(gone)
+
+    store = DiskStore(str(tmp_path / "d"))
+    try:
+        imp = Importer(store, "c", staff=["zhangsan"], reader_process=reader_process,
+                       on_progress=delete_when_reading_the_first)
+        with pytest.raises(InputError, match=r"gone\.csv: cannot read the file any more: No such file"):
+            imp.run([first, gone])
+        with pytest.raises(InputError, match=r"deep\.jsonl: a record is nested too deeply"):
+            Importer(store, "c", staff=["zhangsan"], reader_process=reader_process).run([str(deep)])
+    finally:
+        store.close()
+
+
+def test_the_reader_child_ignores_modules_in_the_current_directory(tmp_path):
+    # The child starts as `python -c`; a signal.py where the operator works must not
+    # shadow the standard library's.
+    import subprocess
+    import sys
+
+    from wecomctl.ingest.importer import CHILD_READER_BYTES
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "signal.py").write_text("raise SystemExit('the wrong signal module')\n")
+    (work / "pickle.py").write_text("raise SystemExit('the wrong pickle module')\n")
+    path = messy_csv(work / "big.csv", 40_000)
+    assert os.path.getsize(path) >= CHILD_READER_BYTES
+    # The installed command (python -m would itself put the directory first on the path).
+    script = os.path.join(os.path.dirname(sys.executable), "wecomctl")
+    proc = subprocess.run([script, "import", "big.csv", "--campaign", "c", "--owner", "u",
+                           "-d", str(tmp_path / "d"), "--json"], cwd=work, capture_output=True, text=True, timeout=120)
+    assert proc.returncode in (0, 1), proc.stderr
+    assert json.loads(proc.stdout)["accepted"] > 30_000
+
+
+def test_a_report_that_cannot_be_written_is_a_clear_error(tmp_path):
+    blocked = tmp_path / "reports"
+    blocked.write_text("a file where the reports folder should be")
+    path = messy_csv(tmp_path / "a.csv", 500)
+    store = DiskStore(str(tmp_path / "d"))
+    try:
+        with pytest.raises(UsageError, match=r"cannot write the report .*reports"):
+            Importer(store, "c", staff=["zhangsan"], rejects_dir=str(blocked)).run([path])
     finally:
         store.close()

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wecomctl.errors import InputError, WecomctlError
+from wecomctl.errors import InputError, UsageError, WecomctlError
 from wecomctl.faults import crash_point
 from wecomctl.ingest.model import Blank, Lead, Reject
 from wecomctl.ingest.readers import ReadOptions, open_lead_file
@@ -150,16 +150,25 @@ class Importer:
                     for fr, (rejected, blank, nul_rows) in zip(report.files, per_file):
                         fr.rejected, fr.blank, fr.nul_rows = rejected, blank, nul_rows
                     report.reasons = reasons
+        except ReaderStopped:
+            stored = sum(fr.accepted + fr.revived for fr in report.files)
+            self._dupes.close(quietly=True)
+            raise InputError("the process reading the lead files stopped unexpectedly (killed, or out of memory?); "
+                             f"the {stored:,} leads read before are queued: run the same import again to finish "
+                             "(what is queued is skipped as a duplicate)") from None
         except InputError as exc:
             # A file broken part-way (bad JSON, a runaway line): what came before it is
             # stored, as after an interruption. Say so, and how to finish.
+            self._dupes.close(quietly=True)
             stored = sum(fr.accepted + fr.revived for fr in report.files)
             if stored and not self.dry_run:
                 raise InputError(f"{exc}; the {stored:,} leads read before it are queued: fix the file and run "
                                  "the same import again (what is queued is skipped as a duplicate)") from None
             raise
-        finally:
-            report.duplicates_file = self._dupes.close()
+        except BaseException:
+            self._dupes.close(quietly=True)  # what it found so far; the first error is the one to see
+            raise
+        report.duplicates_file = self._dupes.close()
         for fr in report.files:
             report.accepted += fr.accepted
             report.rejected += fr.rejected
@@ -257,7 +266,7 @@ class Reading:
             for index, lf in enumerate(self.files):
                 rejected = blank = 0
                 batch: list[tuple] = []
-                for n, row in enumerate(lf.rows(), 1):
+                for n, row in enumerate(_translated(lf), 1):
                     if n % PROGRESS_EVERY == 0:
                         yield ("progress", lf.path, n)
                     if type(row) is Lead:
@@ -280,9 +289,10 @@ class Reading:
                 if batch:
                     yield ("leads", index, batch)
                 per_file.append((rejected, blank, lf.nul_rows))
-        finally:
-            rejects_file = rejects.close()  # an interrupted import keeps what it found so far
-        yield ("end", per_file, reasons, rejects_file)
+        except BaseException:
+            rejects.close(quietly=True)  # an interrupted import keeps what it found so far
+            raise
+        yield ("end", per_file, reasons, rejects.close())
 
     def _owner_for(self, lead: Lead, position: int) -> tuple[str | None, str | None]:
         """(owner, reject reason)."""
@@ -304,16 +314,25 @@ class Reading:
         ctx = multiprocessing.get_context("spawn")
         receive, send = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=_reader_main, args=(self, send), name="wecomctl-import-reader", daemon=True)
-        proc.start()
+        # The child starts as `python -c ...`, which would put the current directory first
+        # on its path: a signal.py or pickle.py there would be imported instead of the
+        # standard library's. PYTHONSAFEPATH (3.11+) leaves it out.
+        saved = os.environ.get("PYTHONSAFEPATH")
+        os.environ["PYTHONSAFEPATH"] = "1"
+        try:
+            proc.start()
+        finally:
+            if saved is None:
+                del os.environ["PYTHONSAFEPATH"]
+            else:
+                os.environ["PYTHONSAFEPATH"] = saved
         send.close()  # the child holds the only writing end: its exit ends the pipe
         try:
             while True:
                 try:
                     event = receive.recv()
-                except EOFError:
-                    raise InputError("the process reading the lead files stopped unexpectedly (killed, or out of "
-                                     "memory?); the batches stored so far stay queued: run the same import again "
-                                     "to finish") from None
+                except (EOFError, OSError):  # OSError: it died part-way through sending a batch
+                    raise ReaderStopped() from None
                 if event[0] == "error":
                     raise event[1]
                 yield event
@@ -325,6 +344,21 @@ class Reading:
             if proc.is_alive():
                 proc.kill()
                 proc.join()
+
+
+class ReaderStopped(InputError):
+    """The child process reading the files died (killed, out of memory)."""
+
+
+def _translated(lf) -> Iterator:
+    """lf.rows(), with what can go wrong reading a file said as the file's problem."""
+    try:
+        yield from lf.rows()
+    except OSError as exc:
+        raise InputError(f"{lf.path}: cannot read the file any more: {exc.strerror or exc} "
+                         "(deleted, moved or unmounted during the import?)") from None
+    except RecursionError:
+        raise InputError(f"{lf.path}: a record is nested too deeply to be a lead") from None
 
 
 def _reader_main(reading: Reading, send) -> None:
@@ -362,18 +396,32 @@ class _ReportFile:
     def write(self, row: list) -> None:
         if self.path is None:
             return
-        if self._fh is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # utf-8-sig so Excel opens Chinese reasons correctly.
-            self._fh = open(self.path.with_suffix(".csv.tmp"), "w", newline="", encoding="utf-8-sig")
-            self._writer = csv.writer(self._fh)
-            self._writer.writerow(self.header)
-        self._writer.writerow(row)
+        try:
+            if self._fh is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                # utf-8-sig so Excel opens Chinese reasons correctly.
+                self._fh = open(self.path.with_suffix(".csv.tmp"), "w", newline="", encoding="utf-8-sig")
+                self._writer = csv.writer(self._fh)
+                self._writer.writerow(self.header)
+            self._writer.writerow(row)
+        except OSError as exc:
+            raise UsageError(self._cannot(exc)) from None
 
-    def close(self) -> str | None:
+    def close(self, quietly: bool = False) -> str | None:
+        """Finish the report: its name, or None when there was nothing to report. With
+        quietly (another error is on its way), a failure to finish it is not raised."""
         if self._fh is None:
             return None
-        self._fh.close()
-        self._fh = None
-        os.replace(self.path.with_suffix(".csv.tmp"), self.path)
+        fh, self._fh = self._fh, None
+        try:
+            fh.close()
+            os.replace(self.path.with_suffix(".csv.tmp"), self.path)
+        except OSError as exc:
+            if quietly:
+                return None
+            raise UsageError(self._cannot(exc)) from None
         return str(self.path)
+
+    def _cannot(self, exc: OSError) -> str:
+        return (f"cannot write the report {self.path}: {exc.strerror or exc} (a full disk? free some space "
+                "and run the same import again)")
