@@ -163,10 +163,14 @@ def test_a_store_of_format_2_is_read_and_worked_on(tmp_path, clock):
         s.cache.set("meta.format", 2)
     before = list(s.leads())
     s.close()
+    looked = DiskStore(d)  # status, check, a dry run: reading leaves it a format-2 store
+    assert list(looked.leads()) == before and looked.counts() and looked.cache.get("meta.format") == 2
+    looked.close()
     s2 = DiskStore(d)
-    assert list(s2.leads()) == before and s2.cache.get("meta.format") == 3
+    assert list(s2.leads()) == before and s2.cache.get("meta.format") == 2
     item = s2.lease("add", 30, clock())
     assert item.lead == {**before[0], "add": item.lead["add"]} and item.lead["add"]["state"] == "leased"
+    assert s2.cache.get("meta.format") == 3  # a record in the new form was written
     assert invariant(s2)["stages"]["add"]["leased"] == 1
     s2.close()
 

@@ -116,6 +116,7 @@ class DiskStore:
             )
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the store in {self.path}: {exc} (check the path exists, is writable and has free space)") from None
+        self._old_format = False  # a format-2 store not yet written to (see _check_format)
         self._check_format()
         self._create_tables()
         self._lease_seq = 0
@@ -143,9 +144,11 @@ class DiskStore:
                 # Names this store in write-back idempotency keys (lead ids repeat across stores).
                 c.set("meta.id", uuid.uuid4().hex[:12])
             elif found in READS_FORMATS and found != STORE_FORMAT:
-                # Format 2 wrote leads as pickled dicts, which unpack() still reads; new
-                # records are tuples, which an older wecomctl cannot, so say so.
-                c.set("meta.format", STORE_FORMAT)
+                # Format 2 wrote leads as pickled dicts, which unpack() still reads. New
+                # records are tuples, which an older wecomctl cannot read: the store says
+                # format 3 from the first record written (see _wrote), not on a mere open
+                # (status, check and dry runs leave it as it was).
+                self._old_format = True
             elif found != STORE_FORMAT:
                 raise StoreError(
                     f"store {self.path} has format {found}, this wecomctl reads format {STORE_FORMAT}: "
@@ -170,7 +173,14 @@ class DiskStore:
         return unpack(row[0]) if row else None
 
     def _save(self, lead: dict[str, Any]) -> None:
+        self._wrote()
         self._db().execute("UPDATE lead SET data = ? WHERE id = ?", (pack(lead), lead["id"]))
+
+    def _wrote(self) -> None:
+        """Called in the transaction that writes a lead record."""
+        if self._old_format:
+            self.cache.set("meta.format", STORE_FORMAT)
+            self._old_format = False
 
     def _push(self, stage: str, lead_id: int) -> str:
         cur = self._db().execute(f"INSERT INTO ready_{stage} (lead) VALUES (?)", (lead_id,))
@@ -273,6 +283,7 @@ class DiskStore:
                     add = new_stage("ready", f"ready:add:{ready}", now)
                     rows.append((lead_id, campaign, nl.phone, pack_new(values, add)))
                     entries.append((ready, lead_id))
+                self._wrote()
                 db.executemany("INSERT INTO lead (id, campaign, phone, data) VALUES (?, ?, ?, ?)", rows)
                 db.executemany("INSERT INTO ready_add (n, lead) VALUES (?, ?)", entries)
                 res.accepted = len(new)
@@ -734,6 +745,7 @@ class DiskStore:
                     elif st["state"] == "dead":
                         c.incr(f"dlq:{lead['campaign']}:{stage}:{_dlq_code(st)}", 1, default=0)
                     self._count(c, lead["campaign"], stage, st["state"], 1)
+                self._wrote()
                 self._db().execute("INSERT INTO lead (id, campaign, phone, data) VALUES (?, ?, ?, ?)",
                                    (lead["id"], lead["campaign"], lead["phone"], pack(lead)))
                 c.incr(f"n:{lead['campaign']}:imported", 1, default=0)
