@@ -28,6 +28,9 @@ from wecomctl.store.base import NewLead, revivable_stage
 # Leads per store transaction. Bigger batches dirty each page of the dedupe index once
 # for many leads: at 1M rows, 10,000 per batch took the store's share from 58 s to 40 s.
 BATCH = 10_000
+# ...or fewer when rows are wide (a 15 KB remark each): a batch is held, pickled and sent
+# whole, so memory is bounded by this rather than by 10,000 rows of any width.
+BATCH_CHARS = 8 << 20
 PROGRESS_EVERY = 2000
 # Files this big (in all) are read in a child process (see Reading); below it, starting
 # one costs more than it saves.
@@ -266,6 +269,7 @@ class Reading:
             for index, lf in enumerate(self.files):
                 rejected = blank = 0
                 batch: list[tuple] = []
+                chars = 0
                 for n, row in enumerate(_translated(lf), 1):
                     if n % PROGRESS_EVERY == 0:
                         yield ("progress", lf.path, n)
@@ -274,9 +278,10 @@ class Reading:
                         owner, why = self._owner_for(row, position)
                         if why is None:
                             batch.append((row.phone, row.name, owner, row.fields, row.source, row.row, row.raw))
-                            if len(batch) >= self.batch:
+                            chars += row.size
+                            if len(batch) >= self.batch or chars >= BATCH_CHARS:
                                 yield ("leads", index, batch)
-                                batch = []
+                                batch, chars = [], 0
                             continue
                         row = Reject(row.source, row.row, row.raw, why)
                     if type(row) is Blank:

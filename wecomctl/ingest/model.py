@@ -23,6 +23,7 @@ class Lead:
     source: str  # file path as given
     row: int  # data row number, 1-based, header excluded; for JSON/JSONL the record number
     raw: str  # the phone cell as read
+    size: int = 0  # characters in the row's cells: an import batches by size as well as count
 
 
 @dataclass(slots=True)

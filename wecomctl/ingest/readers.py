@@ -318,7 +318,7 @@ class LeadFile:
         for role in ("remark", "tags"):  # {remark} and {tags} in the welcome, whatever the header
             if columns.get(role):
                 fields.setdefault(role, fields.get(columns[role], ""))
-        return Lead(phone, name, owner, fields, self.path, n, raw)
+        return Lead(phone, name, owner, fields, self.path, n, raw, len(joined))
 
 
 # A later line holding a mobile, however it is written (spaces, dashes, brackets, +86).
