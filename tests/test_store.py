@@ -74,6 +74,29 @@ def test_poison_message_goes_to_dlq_after_max_deliveries(store, clock):
     assert dead["kind"] == "poison"
 
 
+def test_a_poison_item_keeps_its_intent_through_the_dlq_and_its_replay(store, clock):
+    # Its worker may have died after the call went out: the replay must settle that call
+    # (look it up) before making it again. An ambiguous one replayed by the operator after
+    # checking in WeCom starts without it.
+    store.put_leads("c", [lead()], clock())
+    for i in range(3):
+        item = store.lease("add", 10, clock())
+        if i == 0:
+            store.mark_intent(item, clock())
+        clock.t += 11
+        store.maintain(clock())
+    assert store.lease("add", 10, clock()) is None
+    dead = next(store.leads())["add"]
+    assert dead["kind"] == "poison" and dead["intent"] is not None
+    assert store.requeue_dead("add", None, clock()) == 1
+    replayed = store.lease("add", 10, clock())
+    assert replayed.lead["add"]["intent"] == dead["intent"] and replayed.lead["add"]["attempts"] == 0
+    store.bury(replayed, Failure(None, "the call may have happened", "ambiguous"), clock())
+    assert store.requeue_dead("add", None, clock(), kind="ambiguous") == 1
+    assert store.lease("add", 10, clock()).lead["add"]["intent"] is None
+    assert invariant(store)["stages"]["add"]["leased"] == 1
+
+
 def test_late_ack_after_expiry_is_recorded_once(store, clock):
     store.put_leads("c", [lead()], clock())
     first = store.lease("add", 10, clock())

@@ -174,6 +174,8 @@ class Worker:
         # Welcomes first: they follow an add and may hold a 20 s welcome_code.
         for stage in reversed(STAGES):
             item = self.ctx.store.lease(stage, self.ctx.lease_s, now)
+            for _ in range(self.ctx.store.take_poisoned()):  # buried on the way: this run's dead letters
+                self._tally(stage, "dead")
             if item is not None:
                 return item
         return None

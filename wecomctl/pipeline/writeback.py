@@ -61,7 +61,7 @@ class WritebackClient:
         code = resp.status_code
         if 200 <= code < 300:
             return
-        body = redact(resp.text[:200], api.secrets)
+        body = redact(resp.text, api.secrets)[:200]  # redacted whole: a cut could split a token
         if code in RETRY_STATUS or code >= 500:
             raise ApiError(API, None, f"HTTP {code} from {host}: {body}", "retry", "the business system is busy or down")
         raise ApiError(API, None, f"HTTP {code} from {host}: {body}", "http", "the business system refused the write-back")

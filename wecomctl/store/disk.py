@@ -122,6 +122,7 @@ class DiskStore:
         self._lease_seq = 0
         self._seq_lock = threading.Lock()
         self._judged: dict[str, set[int]] = {}  # per import: dead leads a row was judged against
+        self._poisoned = 0  # items lease() dead-lettered as poison, not yet taken
 
     # -- plumbing ---------------------------------------------------------------
     @contextmanager
@@ -335,8 +336,12 @@ class DiskStore:
                 st = lead[stage]
                 if st["deliveries"] >= self.max_deliveries:
                     # It was leased this often and never finished: it keeps killing workers.
-                    self._move(c, lead, stage, "dead", now, errcode=None, kind="poison",
+                    # Its intent stays: a worker may have died after the call went out, and
+                    # a replay (retry-dlq) must settle that call before making it again.
+                    self._move(c, lead, stage, "dead", now, errcode=None, kind="poison", intent=st.get("intent"),
                                error=f"poison: leased {st['deliveries']} times without an outcome (a worker died each time)")
+                    with self._seq_lock:
+                        self._poisoned += 1
                     continue
                 with self._seq_lock:
                     self._lease_seq += 1
@@ -399,6 +404,13 @@ class DiskStore:
             return [k for k in self.cache.iterkeys() if isinstance(k, str) and k.startswith(prefix)]
         rows = sql("SELECT key FROM Cache WHERE key >= ? AND key < ? AND raw = 1", (prefix, prefix + "\uffff")).fetchall()
         return [r[0] for r in rows]
+
+    def take_poisoned(self) -> int:
+        """How many items this store's lease() dead-lettered as poison since last asked
+        (a run counts them as its own dead letters)."""
+        with self._seq_lock:
+            n, self._poisoned = self._poisoned, 0
+        return n
 
     def mark_intent(self, item: Leased, now: float) -> bool:
         """Record, before a call with a side effect, that it is about to be made.
@@ -631,8 +643,11 @@ class DiskStore:
                     if fresh[st]["state"] != "dead":
                         moved -= 1
                         continue
-                    # A replay starts the item afresh; the welcome ledger still guards it.
-                    self._move(c, fresh, st, "ready", now, attempts=0, deliveries=0)
+                    # A replay starts the item afresh; the welcome ledger still guards it. A
+                    # call that may have gone out (a poison item's intent) is settled first,
+                    # unless the operator replays an ambiguous one after checking in WeCom.
+                    keep = {} if fresh[st].get("kind") == "ambiguous" else {"intent": fresh[st].get("intent")}
+                    self._move(c, fresh, st, "ready", now, attempts=0, deliveries=0, **keep)
                 crash_point("retry_dlq.after_move", str(Path(self.path).parent))
         return moved
 

@@ -398,26 +398,31 @@ end
 return {#new, revived, dups}
 """
 
-# ARGV: P, stage, now, expires, token, max_deliveries. Returns the leased lead's hash or nil.
+# ARGV: P, stage, now, expires, token, max_deliveries. Returns {items dead-lettered as
+# poison on the way, the leased lead's hash (absent when none)}.
 _LEASE = r"""
 local stage, now, expires, token, maxd = ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
+local poisoned = 0
 while true do
   local e = redis.call('LPOP', P .. 'ready:' .. stage)
-  if not e then return false end
+  if not e then return {poisoned} end
   local n, lid = string.match(e, '^(%d+):(%d+)$')
   local h = redis.call('HMGET', lkey(lid), stage .. '.qkey', stage .. '.deliveries')
   if h[1] and dec(h[1]) == 'ready:' .. stage .. ':' .. n then
     local d = tonumber(h[2])
     if d >= maxd then
-      -- It was leased this often and never finished: it keeps killing workers.
+      -- It was leased this often and never finished: it keeps killing workers. Its intent
+      -- stays: a replay must settle a call that may have gone out (as in DiskStore).
       move(lid, stage, 'dead', now, nil, {errcode = 'null', kind = '"poison"',
+           intent = redis.call('HGET', lkey(lid), stage .. '.intent') or 'null',
            error = enc('poison: leased ' .. int(d) .. ' times without an outcome (a worker died each time)')})
+      poisoned = poisoned + 1
     else
       local member = lid .. ':' .. token
       redis.call('ZADD', P .. 'lease:' .. stage, expires, member)
       move(lid, stage, 'leased', now, 'lease:' .. stage .. ':' .. member,
            {deliveries = int(d + 1), lease = enc(token)})
-      return lead_json(lid)
+      return {poisoned, lead_json(lid)}
     end
   end
   -- else a stale entry: the lead has moved on
@@ -535,9 +540,13 @@ return moved
 # ARGV: P, id, stage, now. A replay starts the item afresh; the welcome ledger still guards it.
 _REQUEUE = r"""
 local lid, stage, now = ARGV[2], ARGV[3], ARGV[4]
-local s = redis.call('HGET', lkey(lid), stage .. '.state')
-if not s or dec(s) ~= 'dead' then return 0 end
-move(lid, stage, 'ready', now, nil, {attempts = '0', deliveries = '0'})
+local h = redis.call('HMGET', lkey(lid), stage .. '.state', stage .. '.kind', stage .. '.intent')
+if not h[1] or dec(h[1]) ~= 'dead' then return 0 end
+-- As DiskStore.requeue_dead: a possible call is settled first, unless the operator
+-- replays an ambiguous item after checking it in WeCom.
+local intent = 'null'
+if dec(h[2] or 'null') ~= 'ambiguous' then intent = h[3] or 'null' end
+move(lid, stage, 'ready', now, nil, {attempts = '0', deliveries = '0', intent = intent})
 return 1
 """
 
@@ -811,6 +820,7 @@ class RedisStore:
         self._host = socket.gethostname()
         self._lease_seq = itertools.count(1)
         self._seq_lock = threading.Lock()
+        self._poisoned = 0  # items lease() dead-lettered as poison, not yet taken
         self._check_format(create)
 
     # -- plumbing ---------------------------------------------------------------
@@ -909,11 +919,21 @@ class RedisStore:
         token = self._token()
         expires = now + lease_s
         with self._errors():
-            flat = self._run("lease", stage, _j(now), _j(expires), token, self.max_deliveries)
-        lead = _decode(flat)
+            reply = self._run("lease", stage, _j(now), _j(expires), token, self.max_deliveries)
+        if reply[0]:
+            with self._seq_lock:
+                self._poisoned += int(reply[0])
+        lead = _decode(reply[1]) if len(reply) > 1 else None
         if lead is None:
             return None
         return Leased(lead["id"], stage, lead[stage]["qkey"], lead, expires, token)
+
+    def take_poisoned(self) -> int:
+        """How many items this store's lease() dead-lettered as poison since last asked
+        (a run counts them as its own dead letters)."""
+        with self._seq_lock:
+            n, self._poisoned = self._poisoned, 0
+        return n
 
     def renew(self, item: Leased, lease_s: float, now: float) -> bool:
         """Extend a lease while its call waits or runs."""
