@@ -238,6 +238,8 @@ def test_messages_show_brackets_as_written_and_unknown_campaigns_are_errors(tmp_
     missing = cli("import", str(tmp_path / "leads[bold].csv"), "--campaign", "c", "-d", str(tmp_path / "d"),
                   check=False)
     assert missing.returncode == 2 and "leads[bold].csv" in missing.stderr
+    device = cli("import", os.devnull, "--campaign", "c", "-d", str(tmp_path / "d"), check=False)
+    assert device.returncode == 2 and "not a regular file" in device.stderr
     leads = tmp_path / "l[1].csv"
     make_leads(leads, n_valid=3, n_invalid=0, n_unknown=0, n_dupes=0)
     imported = cli("import", str(leads), "--campaign", "[b]spring", "--owner", "u", "-d", str(tmp_path / "d"))

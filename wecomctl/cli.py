@@ -131,8 +131,13 @@ def import_cmd(
         for f in files:
             if os.path.isdir(f):
                 raise WecomctlError(f"{f} is a directory; pass the lead files in it")
-            if not os.path.isfile(f):
+            if not os.path.exists(f):
                 raise WecomctlError(f"file not found: {f}")
+            if not os.path.isfile(f):
+                # A file is read twice (sniffed, then streamed) and sized for the reader
+                # process: a pipe or a device cannot be.
+                raise WecomctlError(f"{f} is not a regular file (a pipe or a device): save the leads to a file "
+                                    "first, e.g. `cat … > leads.csv`")
         if dry_run:
             # Read what the campaign already holds, if anything; never create a store.
             try:
