@@ -505,6 +505,15 @@ def test_xlsx_number_cells_shown_in_scientific_notation_are_rejected(tmp_path):
     assert items[3].fields["金额"] == "123456" and items[4].fields["金额"] == "1.2E+05"
 
 
+def test_leads_wrapped_in_an_api_answer_get_a_hint(tmp_path):
+    path = write(tmp_path, "api.json", '{"code": 0, "data": [{"phone": "13800138000"}]}')
+    with pytest.raises(InputError, match="inside the 'data' field of one JSON object"):
+        read(path)
+    pretty = write(tmp_path, "api2.json", '{\n  "code": 0,\n  "data": [\n    {"phone": "13800138000"}\n  ]\n}\n')
+    with pytest.raises(InputError, match=r"one JSON object over several lines.*save that array alone"):
+        read(pretty)
+
+
 def test_title_rows_above_the_header_are_skipped(tmp_path):
     # Reports exported from CRMs and Excel often carry a title (merged across the row)
     # and an export time above the table.

@@ -136,11 +136,20 @@ class LeadFile:
         if first is None:
             raise InputError(f"{self.path}: no records in the file; export the leads again")
         if isinstance(first, jsonfile.BadRecord):
+            hint = ""
+            if self.format == "jsonl" and first.error and first.text.strip() == "{":
+                hint = ("; it looks like one JSON object over several lines: if the leads are a list inside it "
+                        "(\"data\": [...]), save that array alone")
             raise InputError(f"{self.path}: record 1 is not valid JSON ({first.error}); JSON Lines "
-                             "needs one {...} record per line")
+                             "needs one {...} record per line" + hint)
         if not isinstance(first, dict):
             raise InputError(f"{self.path}: record 1 is not a JSON object; each record must be "
                              '{"手机号": "...", "姓名": "..."}')
+        wrapped = [k for k, v in first.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+        if wrapped and not any(role_of(k) == "phone" for k in first):
+            # An API's answer saved as is: {"code": 0, "data": [{...}, ...]}.
+            raise InputError(f"{self.path}: the leads are inside the {wrapped[0]!r} field of one JSON object; "
+                             "save that array alone (a JSON array of records, or one record per line)")
         self._set_header(list(first.keys()), headerless_ok=False)
 
     def _header_row(self, rows: Iterator[list[str]]) -> list[str] | None:
