@@ -74,6 +74,21 @@ Test hooks (no faults, no auth; never show the secret, the gateway key or tokens
   `time.monotonic()` is system-wide on Linux, so a parent process can compare its own
   clock with these. Off (empty) when `call_log` is false.
 
+Group robot and business system (the other ends of alerts and write-back)
+----------------------------------------------------------------------------
+`POST /cgi-bin/webhook/send?key=K` (a WeCom group robot; not an `api` of the stats)
+    K other than `robot_key` 93000 "invalid webhook url"; body not a JSON object 40035;
+    `msgtype` other than text/markdown, or no `{msgtype}.content`, 40008; content over
+    4096 UTF-8 bytes 40058. Success stores `{"msgtype", "content", "at"}`:
+    `GET /_sim/robot` lists what arrived, in order.
+
+`POST /business/writeback` (the business system's receiver for write-back)
+    No `Idempotency-Key` header: HTTP 400. A share `writeback_fail_rate` of deliveries is
+    answered 503 before storing; a body that is not JSON 400; else the body is stored once
+    per key (a repeat counts in `writeback_repeats`), and a share
+    `writeback_lost_reply_rate` is answered 500 *after* storing (the sender cannot tell
+    and must retry). `GET /_sim/writeback` → {key: body} of everything stored.
+
 Fault knobs
 -----------
 Applied to every API above (not `/_sim/*`), in this order, per API:
@@ -120,6 +135,9 @@ unknown_suffix         "44"                                        910001 rule; 
 welcome_code_ttl_s     20.0                                        then 41050
 seed                   None                                        seeds tokens, codes, dice
 call_log               True                                        keep /_sim/calls data
+robot_key              "sim-robot-key-not-for-production"          group robot webhook key
+writeback_fail_rate    0.0                                         share answered 503
+writeback_lost_reply_rate 0.0                                      share stored, then 500
 =====================  ==========================================  =======================
 """
 
