@@ -289,3 +289,28 @@ def test_the_to_fix_file_from_dlq_export_goes_back_in_fixed_rows_only(tmp_path):
     store.close()
     assert lead["owner"] == "zhangsan" and lead["add"]["state"] == "ready"
     assert lead["fields"] == {"手机号": "13800138002", "姓名": "李四", "负责人": "zhangsan", "城市": "上海"}
+
+
+def test_status_watch_follows_the_store_until_ctrl_c(tmp_path):
+    import signal
+    import time
+
+    d = str(tmp_path / "d")
+    first = tmp_path / "a.csv"
+    make_leads(first, n_valid=3, n_invalid=0, n_unknown=0, n_dupes=0)
+    cli("import", str(first), "--campaign", "w", "--owner", "u", "-d", d)
+    watch = subprocess.Popen([sys.executable, "-m", "wecomctl", "status", "--watch", "--interval", "0.5", "--json",
+                              "-d", d], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert json.loads(watch.stdout.readline())["imported"] == 3
+        more = tmp_path / "b.csv"
+        make_leads(more, n_valid=5, n_invalid=0, n_unknown=0, n_dupes=0, seed=9)
+        cli("import", str(more), "--campaign", "w", "--owner", "u", "-d", d)
+        deadline = time.monotonic() + 30
+        while json.loads(watch.stdout.readline())["imported"] != 8:  # each snapshot is read afresh
+            assert time.monotonic() < deadline
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(10) == 0 and "Traceback" not in watch.stderr.read()
+    finally:
+        if watch.poll() is None:
+            watch.kill()
