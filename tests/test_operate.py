@@ -261,8 +261,10 @@ def test_the_to_fix_file_from_dlq_export_goes_back_in_fixed_rows_only(tmp_path):
     d = str(tmp_path / "d")
     leads = tmp_path / "l.csv"
     with open(leads, "w", encoding="utf-8", newline="") as fh:
-        csv.writer(fh).writerows([("手机号", "姓名", "负责人", "城市"), ("13800138001", "张三", "ghost", "北京"),
-                                  ("13800138002", "李四", "ghost", "上海"), ("13800138003", "王五", "lisi", "广州")])
+        csv.writer(fh).writerows([("手机号", "姓名", "负责人", "城市", "备注", "标签"),
+                                  ("13800138001", "张三", "ghost", "北京", "vip", "a"),
+                                  ("13800138002", "李四", "ghost", "上海", "", "b"),
+                                  ("13800138003", "王五", "lisi", "广州", "", "")])
     cli("import", str(leads), "--campaign", "c", "-d", d)
     store = DiskStore(d)
     for _ in range(2):  # the two with an owner WeCom does not know die
@@ -274,6 +276,7 @@ def test_the_to_fix_file_from_dlq_export_goes_back_in_fixed_rows_only(tmp_path):
     with open(to_fix, encoding="utf-8-sig") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["城市"] for r in rows] == ["北京", "上海"] and rows[0]["dlq_errcode"] == "60111"
+    assert "remark" not in rows[0] and "tags" not in rows[0]  # the file's own 备注 and 标签 only
     assert rows[0]["dlq_todo"] and rows[0]["负责人"] == "ghost"
     same = json.loads(cli("import", str(to_fix), "--campaign", "c", "-d", d, "--json").stdout)
     assert (same["revived"], same["skipped"]) == (0, 2)  # nothing fixed, nothing comes back
@@ -288,7 +291,8 @@ def test_the_to_fix_file_from_dlq_export_goes_back_in_fixed_rows_only(tmp_path):
     lead = store.lead(store.find_phone("c", "+8613800138002"))
     store.close()
     assert lead["owner"] == "zhangsan" and lead["add"]["state"] == "ready"
-    assert lead["fields"] == {"手机号": "13800138002", "姓名": "李四", "负责人": "zhangsan", "城市": "上海"}
+    assert lead["fields"] == {"手机号": "13800138002", "姓名": "李四", "负责人": "zhangsan", "城市": "上海",
+                              "备注": "", "标签": "b", "remark": "", "tags": "b"}
 
 
 def test_status_watch_follows_the_store_until_ctrl_c(tmp_path):

@@ -157,6 +157,19 @@ def dead_letters(leads: Iterable[dict[str, Any]], stage: str | None = None,
             }
 
 
+def _own_columns(fields: dict[str, Any]) -> dict[str, Any]:
+    """A lead's columns as the file had them: without the plain `remark` / `tags` the
+    import adds beside a 备注 / 标签 column (for {remark} in the welcome), which the import
+    of the to-fix file would see as a second remark column."""
+    from wecomctl.ingest.headers import role_of
+
+    out = dict(fields)
+    for role in ("remark", "tags"):
+        if role in out and any(k != role and role_of(k) == role for k in out):
+            del out[role]
+    return out
+
+
 def to_fix(letters: Iterable[dict[str, Any]], mask_phones: bool = False) -> tuple[list[str], list[dict[str, Any]]]:
     """The dead letters as a file a person fixes and imports again: each lead's own columns
     as it was imported (so the fixed file has every column the welcome text uses), then
@@ -170,7 +183,7 @@ def to_fix(letters: Iterable[dict[str, Any]], mask_phones: bool = False) -> tupl
     own: dict[str, None] = {}  # the leads' columns, in the order first seen
     rows = []
     for r in letters:
-        fields = dict(r.pop("fields"))
+        fields = _own_columns(r.pop("fields"))
         if mask_phones:
             r["phone"] = mask(r["phone"])
             r["error"] = mask_phone(r["error"] or "")  # a receiver may echo the number
