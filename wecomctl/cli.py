@@ -22,7 +22,7 @@ from wecomctl.errors import EXIT_DEAD, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, St
 
 app = typer.Typer(
     help="Add campaign leads as WeCom customers and send the welcome, under WeCom's rate limits.\n\n"
-    "Example: wecomctl import leads.csv --campaign spring && wecomctl run && wecomctl status",
+    "Example: wecomctl import leads.csv --campaign spring; wecomctl run; wecomctl status  (import exits 1 when it rejected rows)",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -107,7 +107,7 @@ class _ImportProgress:
 def import_cmd(
     files: List[str] = typer.Argument(..., help="Lead files: CSV/TSV/TXT, JSON, JSONL, XLSX."),
     campaign: str = typer.Option(None, "--campaign", help="Campaign name (required)."),
-    owner: Optional[str] = typer.Option(None, "--owner", help="Staff userid for leads whose file has no owner column."),
+    owner: Optional[str] = typer.Option(None, "--owner", help="Staff userid for leads with no owner: no owner column, or an empty owner cell."),
     encoding: Optional[str] = typer.Option(None, "--encoding", help="Override the detected encoding (e.g. gb18030)."),
     delimiter: Optional[str] = typer.Option(None, "--delimiter", help="Override the detected delimiter."),
     phone_column: Optional[str] = typer.Option(None, "--phone-column", help="Header of the phone column."),
