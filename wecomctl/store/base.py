@@ -79,6 +79,7 @@ class Store(Protocol):
     def put_leads(self, campaign: str, leads: list[NewLead], now: float, import_id: str | None = None) -> PutResult: ...
 
     def take_poisoned(self) -> int: ...
+
     def lease(self, stage: str, lease_s: float, now: float) -> Leased | None: ...
     def renew(self, item: Leased, lease_s: float, now: float) -> bool: ...
     def mark_intent(self, item: Leased, now: float) -> bool: ...
@@ -118,16 +119,22 @@ def _filled(fields: dict | None) -> dict:
     return {k: v for k, v in (fields or {}).items() if v not in ("", None)}
 
 
-def revivable_stage(lead: dict | None, nl: "NewLead") -> str | None:
-    """The stage a re-imported row brings back: the one its lead died in, when the row is
-    a fix (another name, owner or column) and not the same row again, which would only
-    die again. DiskStore and the import's dry run judge with this; RedisStore's put
-    script does the same in Lua."""
+def dead_stage(lead: dict | None) -> str | None:
+    """The stage (add, then welcome) a lead died in, or None."""
     if lead is None:
         return None
-    stage = next((st for st in ("add", "welcome") if (lead.get(st) or {}).get("state") == "dead"), None)
-    if stage is None:
-        return None
-    if (lead.get("name"), lead.get("owner"), _filled(lead.get("fields"))) == (nl.name, nl.owner, _filled(nl.fields)):
-        return None
-    return stage
+    return next((st for st in ("add", "welcome") if (lead.get(st) or {}).get("state") == "dead"), None)
+
+
+def same_row(lead: dict, nl: "NewLead") -> bool:
+    """The re-imported row is the lead's row again (name, owner and the columns that hold
+    something), not a fix: it would only die again."""
+    return (lead.get("name"), lead.get("owner"), _filled(lead.get("fields"))) == (nl.name, nl.owner, _filled(nl.fields))
+
+
+def revivable_stage(lead: dict | None, nl: "NewLead") -> str | None:
+    """The stage a re-imported row brings back: the one its lead died in, when the row is
+    a fix (another name, owner or column). DiskStore and the import's dry run judge with
+    this; RedisStore's put script does the same in Lua."""
+    stage = dead_stage(lead)
+    return None if stage is None or same_row(lead, nl) else stage

@@ -51,7 +51,8 @@ from wecomctl.store.base import (
     Leased,
     NewLead,
     PutResult,
-    revivable_stage,
+    dead_stage,
+    same_row,
 )
 from wecomctl.store.leadcodec import STAGE_KEYS, new_stage, pack, pack_new, unpack
 
@@ -309,15 +310,15 @@ class DiskStore:
         Within one import only the first row for a dead lead is judged: a file holding
         the phone twice must not revive it again on every import."""
         lead = self._load(lead_id)
-        if lead is None or not any((lead.get(st) or {}).get("state") == "dead" for st in ("add", "welcome")):
+        stage = dead_stage(lead)
+        if stage is None:
             return False
         if import_id is not None:
             judged = self._judged.setdefault(import_id, set())  # dead leads only: small
             if lead_id in judged:
                 return False
             judged.add(lead_id)
-        stage = revivable_stage(lead, nl)
-        if stage is None:
+        if same_row(lead, nl):
             return False
         lead.update(name=nl.name, owner=nl.owner, fields=nl.fields, source=nl.source, row=nl.row)
         self._move(c, lead, stage, "ready", now, attempts=0, deliveries=0, errcode=None, error=None, kind=None)
