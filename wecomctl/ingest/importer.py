@@ -100,9 +100,9 @@ class Importer:
         # None: read in a child process when the files are big enough to gain from it
         self.reader_process = reader_process
         if owner and self.staff:
-            if _staff_spelling(self.staff).get(owner.lower()) is None:
+            self.owner = _staff_spelling(self.staff).get(owner.lower())
+            if self.owner is None:
                 raise InputError(f"--owner {owner} is not in `staff:` of the config ({', '.join(self.staff)})")
-            self.owner = _staff_spelling(self.staff)[owner.lower()]
         self._seen: dict[str, tuple[str, int]] = {}  # dry run: phone -> (file, row)
         # Names this import to the store: within it only the first row for a phone may
         # revive that phone's dead letter (a file holding a phone twice must not flip the
@@ -153,23 +153,17 @@ class Importer:
                     for fr, (rejected, blank, nul_rows) in zip(report.files, per_file):
                         fr.rejected, fr.blank, fr.nul_rows = rejected, blank, nul_rows
                     report.reasons = reasons
-        except ReaderStopped:
+        except BaseException as exc:
+            self._dupes.close(quietly=True)  # what it found so far; the first error is the one to see
+            # What came before the error is stored, as after an interruption: say so, and how to finish.
             stored = sum(fr.accepted + fr.revived for fr in report.files)
-            self._dupes.close(quietly=True)
-            raise InputError("the process reading the lead files stopped unexpectedly (killed, or out of memory?); "
-                             f"the {stored:,} leads read before are queued: run the same import again to finish "
-                             "(what is queued is skipped as a duplicate)") from None
-        except InputError as exc:
-            # A file broken part-way (bad JSON, a runaway line): what came before it is
-            # stored, as after an interruption. Say so, and how to finish.
-            self._dupes.close(quietly=True)
-            stored = sum(fr.accepted + fr.revived for fr in report.files)
-            if stored and not self.dry_run:
+            if isinstance(exc, ReaderStopped):
+                raise InputError("the process reading the lead files stopped unexpectedly (killed, or out of "
+                                 f"memory?); the {stored:,} leads read before are queued: run the same import "
+                                 "again to finish (what is queued is skipped as a duplicate)") from None
+            if isinstance(exc, InputError) and stored and not self.dry_run:  # a file broken part-way
                 raise InputError(f"{exc}; the {stored:,} leads read before it are queued: fix the file and run "
                                  "the same import again (what is queued is skipped as a duplicate)") from None
-            raise
-        except BaseException:
-            self._dupes.close(quietly=True)  # what it found so far; the first error is the one to see
             raise
         report.duplicates_file = self._dupes.close()
         for fr in report.files:

@@ -158,7 +158,8 @@ class LeadFile:
         report's title rows above the table ("2024年客户名单"). Title rows holding a
         mobile number are never skipped: that is data, not a title."""
         self._header_at, self.title_rows = -1, 0
-        candidates: list[tuple[int, list[str]]] = []
+        candidates: list[tuple[int, list[str]]] = []  # non-blank rows, the last one maybe the header
+        found = False
         try:
             for i, cells in enumerate(rows):
                 if i >= _HEADER_SEARCH:
@@ -166,20 +167,19 @@ class LeadFile:
                 if csvfile.is_blank(cells):
                     continue
                 candidates.append((i, cells))
-                if self._has_phone(cells) or len(candidates) > _TITLE_ROWS:
+                found = self._has_phone(cells)
+                if found or len(candidates) > _TITLE_ROWS:
                     break
         finally:
             getattr(rows, "close", lambda: None)()
         if not candidates:
             return None
-        at, cells = candidates[-1]
         titles = candidates[:-1]
         region = self.options.default_region
-        if (not self._has_phone(cells) or len(titles) > _TITLE_ROWS
-                or any(_is_mobile(c, region) for _, t in titles for c in t)):
-            at, cells = candidates[0]  # no table under a title: the first row, as always
-            titles = []
-        self._header_at, self.title_rows = at, len(titles)
+        if not found or any(_is_mobile(c, region) for _, t in titles for c in t):
+            titles = []  # no table under a title: the first row, as always
+        self._header_at, cells = candidates[len(titles)]
+        self.title_rows = len(titles)
         return cells
 
     def _set_header(self, cells: list[str] | None, where: str = "", headerless_ok: bool = True) -> None:

@@ -60,14 +60,15 @@ def unknown_url_parameters(url: str) -> list[str]:
     import redis
     import redis.connection
 
-    scheme = urlsplit(url).scheme.lower()
-    cls = {"rediss": redis.SSLConnection, "unix": redis.UnixDomainSocketConnection}.get(scheme, redis.Connection)
+    parts = urlsplit(url)
+    cls = {"rediss": redis.SSLConnection, "unix": redis.UnixDomainSocketConnection}.get(parts.scheme.lower(),
+                                                                                         redis.Connection)
     known = set(redis.connection.URL_QUERY_ARGUMENT_PARSERS)
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
         if init is not None:
             known |= set(inspect.signature(init).parameters)
-    return [k for k, _ in parse_qsl(urlsplit(url).query, keep_blank_values=True) if k not in known]
+    return [k for k, _ in parse_qsl(parts.query, keep_blank_values=True) if k not in known]
 
 
 def open_store(location: str, *, max_attempts: int, max_deliveries: int, create: bool = True,
