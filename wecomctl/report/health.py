@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from wecomctl.config import APIS, Settings
-from wecomctl.report.progress import totals
 from wecomctl.report.files import atomic_text
+from wecomctl.report.progress import totals
 from wecomctl.store.base import STAGES
 
 ERROR_WINDOW_MIN = 5

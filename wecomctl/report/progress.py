@@ -119,7 +119,7 @@ class Outlook:
 
     @staticmethod
     def eta(row: dict[str, int], rate: float) -> str:
-        left = row["ready"] + row["delayed"] + row["leased"]
+        left = _left(row)
         if not left:
             return "-"
         if rate <= 0:
